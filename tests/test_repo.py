@@ -1,0 +1,44 @@
+"""The repository is consistent: library exported from the notebooks, notebooks clean, README generated."""
+import shutil, subprocess, sys, filecmp
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+nbdev = pytest.importorskip('nbdev')
+
+def _copy_project(tmp_path: Path) -> Path:
+    dst = tmp_path/'proj'
+    for name in ('settings.ini', 'setup.py'): shutil.copy(ROOT/name, dst/name if dst.exists() else (dst.mkdir() or dst/name))
+    shutil.copytree(ROOT/'nbs', dst/'nbs')
+    shutil.copytree(ROOT/'sidclip_guide', dst/'sidclip_guide', ignore=shutil.ignore_patterns('__pycache__'))
+    return dst
+
+def test_library_in_sync_with_notebooks(tmp_path):
+    "nbdev_export in a copy of the project reproduces sidclip_guide/ byte for byte."
+    proj = _copy_project(tmp_path)
+    subprocess.run(['nbdev_export'], cwd=proj, check=True, capture_output=True)
+    new = {p.relative_to(proj/'sidclip_guide') for p in (proj/'sidclip_guide').rglob('*.py')}
+    old = {p.relative_to(ROOT/'sidclip_guide') for p in (ROOT/'sidclip_guide').rglob('*.py')}
+    assert new == old, f'modules differ: only exported {new - old}, only committed {old - new}'
+    stale = [str(p) for p in sorted(new) if not filecmp.cmp(proj/'sidclip_guide'/p, ROOT/'sidclip_guide'/p, shallow=False)]
+    assert not stale, f'run nbdev_export: {stale} differ from the notebooks'
+
+def test_notebooks_clean(tmp_path):
+    "nbdev_clean changes no notebook (no outputs metadata noise, ids cleaned)."
+    proj = _copy_project(tmp_path)
+    subprocess.run(['nbdev_clean'], cwd=proj, check=True, capture_output=True)
+    dirty = [p.name for p in sorted((ROOT/'nbs').glob('*.ipynb'))
+             if (proj/'nbs'/p.name).read_bytes() != p.read_bytes()]
+    assert not dirty, f'run nbdev_clean: {dirty} are not clean'
+
+def test_readme_generated_from_index():
+    "README.md is exactly what tools/readme.py renders from nbs/index.ipynb."
+    r = subprocess.run([sys.executable, str(ROOT/'tools'/'readme.py'), '--check'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+def test_readme_commands_match_ci():
+    "The README's test command is the command .ci/run runs."
+    readme, ci = (ROOT/'README.md').read_text(), (ROOT/'.ci'/'run').read_text()
+    cmd = 'pip install -e ".[dev]" && nbdev_test --n_workers 2 && pytest -q tests'
+    assert cmd in readme and cmd in ci
+    assert 'pip install -e . && sidclip demo' in readme
