@@ -13,9 +13,9 @@ def sidclip(*args, cwd=None, timeout=600):
 def test_help_lists_every_subcommand():
     r = sidclip('--help')
     assert r.returncode == 0
-    for cmd in ('demo', 'eval', 'synth', 'distill'): assert cmd in r.stdout
+    for cmd in ('demo', 'eval', 'synth', 'distill', 'probe'): assert cmd in r.stdout
 
-@pytest.mark.parametrize('cmd', ['demo', 'eval', 'synth', 'distill'])
+@pytest.mark.parametrize('cmd', ['demo', 'eval', 'synth', 'distill', 'probe'])
 def test_each_subcommand_explains_itself(cmd):
     r = sidclip(cmd, '--help')
     assert r.returncode == 0 and 'usage: sidclip ' + cmd in r.stdout
@@ -44,10 +44,10 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     out = tmp_path/'sidclip-demo'
     report = (out/'report.md').read_text()
     assert str(out) in r.stdout and 'wiring, not accuracy' in r.stdout
-    for stage in ('evaluate', 'synthesize', 'distill'): assert f'| {stage} |' in report, stage
+    for stage in ('evaluate', 'synthesize', 'distill', 'probe'): assert f'| {stage} |' in report, stage
     import pandas as pd
     df = pd.read_csv(out/'results.csv')
-    assert {'evaluate', 'synthesize', 'distill'} <= set(df['stage'])
+    assert {'evaluate', 'synthesize', 'distill', 'probe'} <= set(df['stage'])
     pngs = list(out.rglob('*.png'))
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
     for line in report.splitlines():          # every plot the report shows exists

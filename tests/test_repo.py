@@ -42,3 +42,15 @@ def test_readme_commands_match_ci():
     cmd = 'pip install -e ".[dev]" && nbdev_test --n_workers 2 && pytest -q tests'
     assert cmd in readme and cmd in ci
     assert 'pip install -e . && sidclip demo' in readme
+
+def test_library_imports_without_nbdev():
+    "The runtime library needs neither nbdev nor fastcore (they are dev-only)."
+    code = ("import sys, importlib\n"
+            "for m in ('fastcore', 'nbdev', 'execnb'): sys.modules[m] = None\n"
+            "import sidclip_guide._modidx as mi\n"
+            "mods = sorted({v[1].split('/')[-1][:-3] for v in mi.d['syms'].values() for v in v.values()} | {'cli', '__main__'})\n"
+            "for m in mods: importlib.import_module('sidclip_guide.' + m)\n"
+            "print(len(mods))\n")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip()) >= 12
