@@ -25,7 +25,10 @@ DEMO_STAGES = [('evaluate', 'sidclip_guide.evaluate', 'demo_eval'),    # split +
                ('distill', 'sidclip_guide.distill', 'demo_distill'),   # teacher head, KD ablations
                ('probe', 'sidclip_guide.probes', 'demo_probe')]        # corruptions, spurious cues, transfer
 
-def _attr(module: str, name: str):
+def _attr(module: str, # a stage module, e.g. 'sidclip_guide.distill'
+          name: str,   # a function in it
+         ):
+    "Import `module` and return its attribute `name`."
     return getattr(importlib.import_module(module), name)
 
 # %% ../nbs/90_cli.ipynb #49947f88
@@ -36,10 +39,10 @@ WIRING_NOTE = ('Tiny random-weight models measure **wiring, not accuracy**: thes
 def write_report(ctx: DemoContext, # the finished demo context
                  timings: dict,     # stage name -> seconds
                 ) -> Path:
-    "Write `report.md` and `results.csv` for a demo run; returns the report path."
-    from sidclip_guide.evaluate import results_table, to_markdown
+    "Write `report.md`, `results.csv` and `results.md` for a demo run; returns the report path."
+    from sidclip_guide.evaluate import results_table, to_markdown, save_results
     df = results_table(ctx.rows)
-    atomic_write_text(ctx.out/'results.csv', df.to_csv(index=False))
+    save_results(df, ctx.out)                       # results.csv and results.md
     lines = ['# sidclip demo report', '', f'> {WIRING_NOTE}', '', '## Results', '', to_markdown(df), '',
              '## Time per stage', '', '| stage | seconds |', '|---|---|']
     lines += [f'| {k} | {v:.1f} |' for k, v in timings.items()] + ['']
@@ -73,7 +76,8 @@ def run_demo(out: str | Path = 'sidclip-demo', # report folder
     log(f'Report: {report}')
     return ctx
 
-def _demo_cmd(args) -> int:
+def _demo_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip demo` from parsed arguments."
     run_demo(args.out, args.device, args.seed, [s.strip() for s in args.stages.split(',') if s.strip()])
     return 0
 

@@ -17,8 +17,8 @@ from .utils import SidclipError, atomic_write_text, atomic_save_image, stable_se
 
 # %% auto #0
 __all__ = ['FLOWERS102_CLASSES', 'DATASETS', 'FORMAT', 'FORMAT_VERSION', 'DatasetInfo', 'load_dataset', 'toy_image',
-           'make_toy_dataset', 'FewShotSplit', 'make_fewshot_split', 'save_split', 'load_split', 'from_coop_split',
-           'to_tensor01', 'ImageListDataset', 'train_transform', 'eval_transform']
+           'make_toy_dataset', 'FewShotSplit', 'make_fewshot_split', 'save_split', 'load_split', 'check_split_files',
+           'from_coop_split', 'to_tensor01', 'ImageListDataset', 'train_transform', 'eval_transform']
 
 # %% ../nbs/01_data.ipynb #294218de
 @dataclass
@@ -41,20 +41,20 @@ class DatasetInfo:
 # %% ../nbs/01_data.ipynb #2d584968
 FLOWERS102_CLASSES = ['pink primrose', 'hard-leaved pocket orchid', 'canterbury bells', 'sweet pea',
     'english marigold', 'tiger lily', 'moon orchid', 'bird of paradise', 'monkshood', 'globe thistle', 'snapdragon',
-    "colt's foot", 'king protea', 'spear thistle', 'yellow iris', 'globe-flower', 'purple coneflower',
+    "colt's foot", 'king protea', 'spear thistle', 'yellow iris', 'globe flower', 'purple coneflower',
     'peruvian lily', 'balloon flower', 'giant white arum lily', 'fire lily', 'pincushion flower', 'fritillary',
     'red ginger', 'grape hyacinth', 'corn poppy', 'prince of wales feathers', 'stemless gentian', 'artichoke',
     'sweet william', 'carnation', 'garden phlox', 'love in the mist', 'mexican aster', 'alpine sea holly',
     'ruby-lipped cattleya', 'cape flower', 'great masterwort', 'siam tulip', 'lenten rose', 'barbeton daisy',
     'daffodil', 'sword lily', 'poinsettia', 'bolero deep blue', 'wallflower', 'marigold', 'buttercup', 'oxeye daisy',
     'common dandelion', 'petunia', 'wild pansy', 'primula', 'sunflower', 'pelargonium', 'bishop of llandaff',
-    'gaura', 'geranium', 'orange dahlia', 'pink-yellow dahlia?', 'cautleya spicata', 'japanese anemone',
+    'gaura', 'geranium', 'orange dahlia', 'pink and yellow dahlia', 'cautleya spicata', 'japanese anemone',
     'black-eyed susan', 'silverbush', 'californian poppy', 'osteospermum', 'spring crocus', 'bearded iris',
     'windflower', 'tree poppy', 'gazania', 'azalea', 'water lily', 'rose', 'thorn apple', 'morning glory',
     'passion flower', 'lotus', 'toad lily', 'anthurium', 'frangipani', 'clematis', 'hibiscus', 'columbine',
     'desert-rose', 'tree mallow', 'magnolia', 'cyclamen', 'watercress', 'canna lily', 'hippeastrum', 'bee balm',
-    'ball moss', 'foxglove', 'bougainvillea', 'camellia', 'mallow', 'mexican petunia', 'bromelia', 'blanket flower',
-    'trumpet creeper', 'blackberry lily']  # CLIP / CoOp names, label order
+    'air plant', 'foxglove', 'bougainvillea', 'camellia', 'mallow', 'mexican petunia', 'bromelia', 'blanket flower',
+    'trumpet creeper', 'blackberry lily']  # CLIP's names, label order
 
 _ALIASES = {'flowers102': 'flowers102', 'flowers': 'flowers102', 'oxfordflowers': 'flowers102',
             'food101': 'food101', 'food': 'food101',
@@ -82,7 +82,13 @@ def _imagefolder(root: Path, split: str) -> DatasetInfo:
     "An ImageFolder as a DatasetInfo; `root/<split>` is used when it exists."
     from torchvision.datasets import ImageFolder
     if not root.is_dir(): raise SidclipError(f"imagefolder: {root} is not a folder; pass the folder that holds one sub-folder per class.")
-    folder = root / split if split and (root / split).is_dir() else root
+    if split and (root / split).is_dir(): folder = root / split
+    elif split in ('', 'train'):    # no train/ sub-folder: the whole folder is the pool, unless it is a split layout
+        folder = root
+        if any((root / s).is_dir() for s in ('test', 'val')) and not (root / 'train').is_dir():
+            raise SidclipError(f"imagefolder: {root} has test/ or val/ but no train/ sub-folder; put the training classes in "
+                               f"{root / 'train'} (or pass the class folders' parent).")
+    else: raise SidclipError(f"imagefolder: no {split!r} sub-folder in {root}; expected {root / split}/<class name>/<image>.")
     try: ds = ImageFolder(folder, allow_empty=True)
     except FileNotFoundError as e:
         raise SidclipError(f"imagefolder: {folder} has no class sub-folders ({e}); expected {folder}/<class name>/<image>.") from None
@@ -101,6 +107,8 @@ def _torchvision_dataset(key: str, root: Path, split: str, download: bool):
               'cars': ('train', 'test')}[key]
     if split not in splits: raise SidclipError(f"{cls.__name__} has splits {splits}, not {split!r}.")
     try: return cls(root, split=split, download=download and key != 'cars')
+    except ImportError as e:
+        raise SidclipError(f"{cls.__name__} needs the {e.name or 'scipy'} package to read its files: pip install {e.name or 'scipy'}.") from None
     except (RuntimeError, ValueError) as e:
         if 'scipy' in str(e).lower(): raise SidclipError(f"{cls.__name__} needs scipy to read its .mat files: pip install scipy.") from None
         if key == 'cars':
@@ -316,18 +324,26 @@ def load_split(path: str | Path,          # a .json written by `save_split`
     if not path.is_file(): raise SidclipError(f"Split file {path} does not exist: create one with `make_fewshot_split` + `save_split` (or `sidclip eval --dataset ...`).")
     try: d = json.loads(path.read_text(encoding='utf-8'))
     except json.JSONDecodeError as e: raise SidclipError(f"Split file {path} is not valid JSON ({e.msg}).") from None
-    if d.get('format') != FORMAT: raise SidclipError(f"{path} is not a sidclip split file (no format={FORMAT!r}); "
+    if not isinstance(d, dict) or d.get('format') != FORMAT: raise SidclipError(f"{path} is not a sidclip split file (no format={FORMAT!r}); "
                                                      "CoOp split files are read with `from_coop_split`.")
     if d.get('version', 0) > FORMAT_VERSION:
         raise SidclipError(f"{path} has split format version {d['version']}; this library reads up to {FORMAT_VERSION}: upgrade sidclip-guide.")
+    lacks = [key for key in ('root', 'class_names', 'category', 'seed', 'k', 'train', 'test') if key not in d]
+    if lacks: raise SidclipError(f"Split file {path} lacks {lacks}: it was edited or truncated; write it again with `save_split`.")
     s = FewShotSplit(str(Path(root).expanduser()) if root is not None else d['root'], d['class_names'], d['category'],
                      d['seed'], d['k'], d['train'], d['test'], d.get('val', []))
-    if check:
-        missing = [s._abs(e['path']) for e in s.train + s.val + s.test if not s._abs(e['path']).exists()]
-        if missing:
-            raise SidclipError(f"{len(missing)} image(s) listed in {path} are missing under root={s.root!r}, e.g. "
-                               f"{[str(m) for m in missing[:3]]}. If the data moved, pass root=<folder the relative paths start from>.")
+    if check: check_split_files(s, path)
     return s
+
+def check_split_files(split: FewShotSplit, # the split whose images must exist
+                      source: str | Path,   # where the split came from (named in the error)
+                      arg: str = 'root',    # the argument that re-roots it (named in the fix)
+                     ) -> None:
+    "Raise a `SidclipError` naming the missing files and the fix if any image of `split` does not exist."
+    missing = [split._abs(e['path']) for e in split.train + split.val + split.test if not split._abs(e['path']).exists()]
+    if missing:
+        raise SidclipError(f"{len(missing)} image(s) listed in {source} are missing under root={split.root!r}, e.g. "
+                           f"{[str(m) for m in missing[:3]]}. If the data moved, pass {arg}=<folder the relative paths start from>.")
 
 # %% ../nbs/01_data.ipynb #1ea858eb
 def from_coop_split(json_path: str | Path,     # CoOp split file, e.g. split_zhou_OxfordFlowers.json
@@ -338,12 +354,13 @@ def from_coop_split(json_path: str | Path,     # CoOp split file, e.g. split_zho
                     category: str = 'object',   # prompt category ('flower', 'pet', ...)
                     n_val_per_class: int | None = None, # validation images per class from CoOp's val (None: min(k, 4))
                     max_test_per_class: int | None = None, # cap test images per class
+                    check: bool = True,         # raise if an image of the resulting split is missing under image_root
                    ) -> FewShotSplit:
     "Make a nested k-shot split from a CoOp-style split JSON."
     json_path, image_root = Path(json_path), Path(image_root).expanduser().absolute()
     try: d = json.loads(json_path.read_text(encoding='utf-8'))
     except (OSError, json.JSONDecodeError) as e: raise SidclipError(f"Cannot read CoOp split {json_path}: {e}") from None
-    if not all(isinstance(d.get(s), list) for s in ('train', 'test')):
+    if not isinstance(d, dict) or not all(isinstance(d.get(s), list) for s in ('train', 'test')):
         raise SidclipError(f"{json_path} is not a CoOp split: expected lists 'train', 'val', 'test' of [relpath, label, classname].")
     rows = {s: d.get(s) or [] for s in ('train', 'val', 'test')}
     labels = sorted({int(r[1]) for s in rows.values() for r in s})
@@ -359,6 +376,7 @@ def from_coop_split(json_path: str | Path,     # CoOp split file, e.g. split_zho
     if rows['val'] and nv:
         split.val = [{'path': _rel(p, image_root), 'label': y}
                      for y, ps in mk('val').by_class().items() for p in sorted(_class_perm(ps, seed, 'val', class_names[y])[:nv], key=str)]
+    if check: check_split_files(split, json_path, 'image_root')
     return split
 
 # %% ../nbs/01_data.ipynb #29039c36

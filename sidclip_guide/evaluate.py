@@ -147,20 +147,22 @@ def linear_probe(train_x: torch.Tensor,            # (N, D) training features
                  n_classes: int | None = None,     # number of classes (default: max label + 1)
                  default_C: float = 1.0,           # C used when no validation is possible
                  blas_threads: int | None = -1,    # BLAS threads during the fits (-1: 1 for small problems, else no limit)
+                 refit_on_val: bool = False,       # refit the chosen C on train + the given val (CLIP full-data); False: train only (few-shot)
                 ) -> LinearProbe:
-    "Logistic-regression probe with C chosen on validation, refit on train+val (CLIP's protocol)."
+    "Logistic-regression probe with C chosen on validation, refit on the training features (CLIP/CoOp protocol)."
     from threadpoolctl import threadpool_limits
     n = np.asarray(train_x).size
     limit = (1 if n < 2**22 else None) if blas_threads == -1 else blas_threads
     with threadpool_limits(limits=limit, user_api='blas'):
-        return _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes, default_C)
+        return _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes, default_C, refit_on_val)
 
-def _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes, default_C) -> LinearProbe:
+def _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes, default_C, refit_on_val) -> LinearProbe:
     "`linear_probe` without the BLAS thread limit."
     x, y = np.asarray(train_x, np.float32), np.asarray(train_y).astype(int)
     if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
         raise SidclipError(f"linear_probe wants features (N, D) and N labels; got {x.shape} and {y.shape}.")
     n_classes = int(n_classes or y.max() + 1)
+    if y.min() < 0 or y.max() >= n_classes: raise SidclipError(f"linear_probe: labels must lie in 0..{n_classes - 1}; got {y.min()}..{y.max()}.")
     if len(np.unique(y)) < 2: raise SidclipError("linear_probe needs at least two classes in the training labels.")
     if len(Cs) == 1: return _to_probe(_fit_lr(x, y, Cs[0], max_iter, seed), n_classes, Cs[0], math.nan, {})
     if val_x is None:
@@ -178,7 +180,7 @@ def _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes,
     best = max(sweep.values())
     tied = [C for C, a in sweep.items() if a == best]
     C = tied[len(tied) // 2]
-    xa, ya = (x, y) if val_x is None else (np.concatenate([x, xv]), np.concatenate([y, yv]))
+    xa, ya = (np.concatenate([x, xv]), np.concatenate([y, yv])) if val_x is not None and refit_on_val else (x, y)
     return _to_probe(_fit_lr(xa, ya, C, max_iter, seed), n_classes, C, best, sweep)
 
 # %% ../nbs/03_evaluate.ipynb #989082e0
@@ -245,27 +247,45 @@ def plot_confusion(y_true: Sequence[int],        # true labels
     return fig
 
 # %% ../nbs/03_evaluate.ipynb #472b7ac0
+def _is_int(v) -> bool:
+    "True for Python/NumPy integers (not bools)."
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+def _row_keys(df, cols: list) -> list:
+    "One key per row: the text of its values in `cols` (identifies a row across filtering, sorting and re-indexing)."
+    return [tuple(map(str, r)) for r in df[cols].itertuples(index=False)]
+
 def results_table(rows: Sequence[dict], # result rows (dicts); missing keys become empty cells
                  ):
-    "A pandas DataFrame of result rows, columns in first-seen order."
+    "A pandas DataFrame of result rows, columns in first-seen order; remembers which cells were integers."
     import pandas as pd
+    rows = list(rows)
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    return pd.DataFrame(list(rows), columns=cols)
+    df = pd.DataFrame(rows, columns=cols)
+    keys = _row_keys(df, cols)
+    cells = {c: sorted({keys[i] for i, r in enumerate(rows) if _is_int(r.get(c))}) for c in cols if df[c].dtype.kind == 'f'}
+    df.attrs['int_cells'] = {'columns': cols, 'cells': {c: ks for c, ks in cells.items() if ks}}  # ints pandas stored as floats
+    return df
 
-def _cell(v, floatfmt: str) -> str:
-    "One markdown table cell."
-    if v is None or (isinstance(v, float) and math.isnan(v)): return ''
-    if isinstance(v, (float, np.floating)): return format(float(v), floatfmt)
+def _cell(v, floatfmt: str, as_int: bool = False) -> str:
+    "One markdown table cell (`as_int`: an integral float that was an int in the input row)."
+    import pandas as pd
+    if v is None or (np.ndim(v) == 0 and not isinstance(v, str) and pd.isna(v)): return ''
+    if isinstance(v, (float, np.floating)):
+        return str(int(v)) if as_int and float(v).is_integer() else format(float(v), floatfmt)
     return str(v).replace('|', '\\|').replace('\n', ' ')
 
 def to_markdown(df,                 # a DataFrame
-                floatfmt: str = '.4f', # format of float cells
+                floatfmt: str = '.4f', # format of float cells (cells that were ints in `results_table`'s rows print as ints)
                ) -> str:
     "A GitHub-flavoured markdown table of `df` (numbers right-aligned)."
-    cols = [str(c) for c in df.columns]
     from pandas.api.types import is_numeric_dtype
+    cols, note = [str(c) for c in df.columns], df.attrs.get('int_cells') or {}
     num = [is_numeric_dtype(t) for t in df.dtypes]
-    rows = [[_cell(v, floatfmt) for v in r] for r in df.itertuples(index=False)]
+    known = bool(note) and all(c in df.columns for c in note['columns'])   # else: no int marks, plain float formatting
+    keys = _row_keys(df, note['columns']) if known else [None] * len(df)
+    int_at = [set(map(tuple, note['cells'].get(c, ()))) if known else set() for c in df.columns]
+    rows = [[_cell(v, floatfmt, k in ic) for v, ic in zip(r, int_at)] for k, r in zip(keys, df.itertuples(index=False))]
     head = '| ' + ' | '.join(cols) + ' |'
     sep = '|' + '|'.join('---:' if n else ':---' for n in num) + '|'
     return '\n'.join([head, sep] + ['| ' + ' | '.join(r) + ' |' for r in rows]) + '\n'
@@ -364,7 +384,7 @@ def _split_from_args(args, out: Path) -> FewShotSplit:
     test_root = Path(args.data_root)/'test'
     if info.name == 'imagefolder': test_info = load_dataset('imagefolder', test_root) if test_root.is_dir() else None
     else: test_info = load_dataset(args.dataset, args.data_root, 'test', download=args.download)
-    split = make_fewshot_split(info, args.k or 16, args.seed, args.n_val, test_info, args.max_test_per_class)
+    split = make_fewshot_split(info, 16 if args.k is None else args.k, args.seed, args.n_val, test_info, args.max_test_per_class)
     save_split(split, out/'split.json')
     return split
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #565c8a5e
 from __future__ import annotations
-import os, json, difflib, tempfile, contextlib
+import os, json, atexit, shutil, difflib, itertools, tempfile, contextlib, logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,8 +17,8 @@ import open_clip
 from .utils import SidclipError
 
 # %% auto #0
-__all__ = ['TINY_CLIP', 'TINY_CLIP_CFG', 'register_clip_config', 'ClipBundle', 'hub_offline', 'check_clip_name', 'load_clip',
-           'encode_texts', 'ImageEncoder', 'encode_images']
+__all__ = ['TINY_CLIP', 'TINY_CLIP_CFG', 'register_clip_config', 'ClipBundle', 'is_offline', 'hub_offline', 'check_clip_name',
+           'load_clip', 'encode_texts', 'ImageEncoder', 'encode_images']
 
 # %% ../nbs/02_models.ipynb #4428cdc4
 _CONFIG_DIR = None
@@ -30,7 +30,9 @@ def register_clip_config(name: str, # the model name to register (used like 'ViT
     global _CONFIG_DIR
     missing = [k for k in ('embed_dim', 'vision_cfg', 'text_cfg') if k not in cfg]
     if missing: raise SidclipError(f"CLIP config {name!r} lacks {missing}: an open_clip config needs embed_dim, vision_cfg and text_cfg.")
-    if _CONFIG_DIR is None: _CONFIG_DIR = Path(tempfile.mkdtemp(prefix='sidclip_configs_'))
+    if _CONFIG_DIR is None:   # open_clip reads the file at once; the folder is removed when the process exits
+        _CONFIG_DIR = Path(tempfile.mkdtemp(prefix='sidclip_configs_'))
+        atexit.register(shutil.rmtree, _CONFIG_DIR, ignore_errors=True)
     path = _CONFIG_DIR/f'{name}.json'
     path.write_text(json.dumps(cfg))
     open_clip.add_model_config(path)
@@ -62,9 +64,11 @@ class ClipBundle:
     def device(self) -> torch.device: return next(self.model.parameters()).device
 
 # %% ../nbs/02_models.ipynb #cd0956cc
-def _is_offline(offline: bool | None) -> bool:
-    if offline is not None: return offline
-    return any(os.environ.get(v, '').lower() in ('1', 'true', 'yes') for v in ('HF_HUB_OFFLINE', 'SIDCLIP_OFFLINE'))
+def is_offline(offline: bool | None = None, # an explicit choice wins; None reads the environment
+              ) -> bool:
+    "`offline` if given, else whether HF_HUB_OFFLINE or SIDCLIP_OFFLINE is set to a true value (1/true/yes/on)."
+    if offline is not None: return bool(offline)
+    return any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on') for v in ('HF_HUB_OFFLINE', 'SIDCLIP_OFFLINE'))
 
 @contextlib.contextmanager
 def hub_offline(offline: bool = True):
@@ -76,6 +80,7 @@ def hub_offline(offline: bool = True):
     finally: C.HF_HUB_OFFLINE = old
 
 def _looks_like_path(s: str) -> bool:
+    "Whether a `pretrained` string is meant as a file path rather than a tag."
     return os.sep in s or s.startswith('.') or s.endswith(('.bin', '.pt', '.pth', '.safetensors', '.ckpt'))
 
 def check_clip_name(name: str,                  # open_clip config name, 'hf-hub:org/repo' or 'local-dir:/path'
@@ -104,7 +109,20 @@ def check_clip_name(name: str,                  # open_clip config name, 'hf-hub
 
 # %% ../nbs/02_models.ipynb #f2e8f505
 def _size(s) -> int:
+    "An image size given as an int or an (H, W) pair, as one int."
     return int(s[0] if isinstance(s, (tuple, list)) else s)
+
+class _DropRandomInitNote(logging.Filter):
+    "Drop open_clip's 'No pretrained weights loaded' warning (asking for random weights is deliberate here)."
+    def filter(self, record: logging.LogRecord) -> bool: return 'No pretrained weights loaded' not in record.getMessage()
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool = True):
+    "While active, hide open_clip's warning that a model was randomly initialised."
+    f, root = _DropRandomInitNote(), logging.getLogger()
+    if active: root.addFilter(f)
+    try: yield
+    finally: root.removeFilter(f)
 
 def load_clip(name: str,                    # open_clip name ('ViT-L-14'), 'hf-hub:org/repo', 'local-dir:/path', or a registered config
               pretrained: str | None = None, # tag ('openai', 'laion2b_s32b_b82k'), checkpoint file, or None for random init
@@ -116,7 +134,7 @@ def load_clip(name: str,                    # open_clip name ('ViT-L-14'), 'hf-h
     "Load a CLIP model, its eval preprocessing and tokenizer, with clear errors for bad names or missing weights."
     check_clip_name(name, pretrained)
     try:
-        with hub_offline(_is_offline(offline)):
+        with hub_offline(is_offline(offline)), _quiet_random_init(pretrained is None):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir)
             tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
@@ -186,11 +204,13 @@ class ImageEncoder(nn.Module):
         return x.to(p.dtype) if p is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "Features (B, embed_dim) of a [0,1] batch."
         return self.backbone(self.normalize_input(x))
 
     @classmethod
     def from_open_clip(cls, model: nn.Module | ClipBundle, # an open_clip model or a `ClipBundle`
-                       resize: bool = True) -> 'ImageEncoder':
+                       resize: bool = True,                 # resize inputs of another size to the tower's input size
+                      ) -> 'ImageEncoder':
         "Wrap the image tower of an open_clip model (features are pre-normalisation CLIP embeddings)."
         if isinstance(model, ClipBundle): model = model.model
         pp = open_clip.get_model_preprocess_cfg(model)
@@ -201,7 +221,9 @@ class ImageEncoder(nn.Module):
     def from_timm(cls, name: str,                        # any timm model name, e.g. 'efficientnet_b0'
                   pretrained: bool | str = False,        # False, True (hub weights) or a local weights file
                   image_size: int | None = None,         # override the model's default input size
-                  resize: bool = True, **kwargs) -> 'ImageEncoder':
+                  resize: bool = True,                   # resize inputs of another size to `image_size`
+                  **kwargs,                              # passed to `timm.create_model`
+                 ) -> 'ImageEncoder':
         "Wrap a timm model as a pooled-feature extractor (classifier removed)."
         import timm
         if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
@@ -213,7 +235,7 @@ class ImageEncoder(nn.Module):
             kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)))
         else: kw['pretrained'] = bool(pretrained)
         try:
-            with hub_offline(_is_offline(None)): m = timm.create_model(name, **kw)
+            with hub_offline(is_offline(None)): m = timm.create_model(name, **kw)
         except (RuntimeError, OSError) as e:
             raise SidclipError(f"Could not load timm {name!r} weights ({str(e).splitlines()[0][:300]}). Offline? Download them where there "
                                f"is network and pass pretrained='/path/to/model.safetensors', or pretrained=False.") from None
@@ -221,9 +243,14 @@ class ImageEncoder(nn.Module):
         return cls(m, m.num_features, image_size or cfg['input_size'][-1], cfg['mean'], cfg['std'], resize, name=f'timm:{name}')
 
     @classmethod
-    def from_module(cls, module: nn.Module, embed_dim: int, image_size: int,
-                    mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                    resize: bool = True, name: str = 'module') -> 'ImageEncoder':
+    def from_module(cls, module: nn.Module,                   # maps normalised (B,3,S,S) images to (B, embed_dim)
+                    embed_dim: int,                           # size of its output features
+                    image_size: int,                          # S, its input resolution
+                    mean: Sequence[float] = (0.5, 0.5, 0.5),  # per-channel normalisation mean
+                    std: Sequence[float] = (0.5, 0.5, 0.5),   # per-channel normalisation std
+                    resize: bool = True,                      # resize inputs of another size to `image_size`
+                    name: str = 'module',                     # a readable name for logs and errors
+                   ) -> 'ImageEncoder':
         "Wrap any module mapping normalised images to features."
         return cls(module, embed_dim, image_size, mean, std, resize, name=name)
 
@@ -236,7 +263,7 @@ def encode_images(encoder: nn.Module,       # an `ImageEncoder` (or any module o
                  ) -> torch.Tensor:
     "Features of `images` in batches, in eval mode, without gradients (returned on the input's device)."
     was_training = encoder.training; encoder.eval()
-    dev = next(encoder.parameters()).device
+    dev = next(itertools.chain(encoder.parameters(), encoder.buffers()), images).device   # parameter-free modules too
     try: feats = torch.cat([encoder(images[i:i+batch_size].to(dev)).float() for i in range(0, len(images), batch_size)])
     finally: encoder.train(was_training)
     feats = F.normalize(feats, dim=-1) if normalize else feats

@@ -96,6 +96,8 @@ def test_coop_split_import(toy, tmp_path):
     assert from_coop_split(tmp_path/'split_zhou_Toy.json', toy.root, k=1, seed=2).shots() == s.shots(1)
     custom = from_coop_split(tmp_path/'split_zhou_Toy.json', toy.root, class_names=['a', 'b', 'c'], k=1)
     assert custom.class_names == ['a', 'b', 'c']
+    with pytest.raises(SidclipError, match=r'(?s)missing under root=.*pass image_root='):    # wrong image folder
+        from_coop_split(tmp_path/'split_zhou_Toy.json', tmp_path, k=4)
 
 
 # ---------------------------------------------------------------- dataset adapters
@@ -112,6 +114,22 @@ def test_imagefolder_and_a_fake_pets_layout(tmp_path):
     info = load_dataset('OxfordIIITPet', tmp_path)          # 'train' means 'trainval' for pets
     assert info.category == 'pet' and info.class_names == ['Abyssinian', 'American Bulldog']
     assert sorted(y for _, y in info.items) == [0, 0, 0, 1, 1, 1] and all(p.exists() for p, _ in info.items)
+
+
+def test_imagefolder_with_train_and_test_subfolders(tmp_path):
+    for part, n in (('train', 3), ('test', 2)):
+        for c in ('cat', 'dog'):
+            (tmp_path/part/c).mkdir(parents=True)
+            for i in range(n): Image.new('RGB', (8, 8)).save(tmp_path/part/c/f'{i}.png')
+    tr, te = load_dataset('imagefolder', tmp_path), load_dataset('imagefolder', tmp_path, split='test')
+    assert (len(tr), len(te)) == (6, 4) and tr.class_names == te.class_names == ['cat', 'dog']
+    s = make_fewshot_split(tr, 2, seed=0, test_info=te)
+    assert all(d['path'].startswith('train/') for d in s.train) and all(d['path'].startswith('test/') for d in s.test)
+    with pytest.raises(SidclipError, match="no 'val' sub-folder"):
+        load_dataset('imagefolder', tmp_path, split='val')
+    import shutil; shutil.rmtree(tmp_path/'train')              # test/ alone must not become a class of the pool
+    with pytest.raises(SidclipError, match='no train/ sub-folder'):
+        load_dataset('imagefolder', tmp_path)
 
 
 def test_transforms_give_unnormalised_01_tensors(toy):
@@ -164,6 +182,9 @@ def test_missing_split_paths_name_files_and_root(toy, tmp_path):
     (tmp_path/'coop.json').write_text(json.dumps({'train': [], 'val': [], 'test': []}))
     with pytest.raises(SidclipError, match='not a sidclip split file'):
         load_split(tmp_path/'coop.json')
+    d = json.loads(p.read_text()); del d['train']; (tmp_path/'cut.json').write_text(json.dumps(d))
+    with pytest.raises(SidclipError, match=r"lacks \['train'\]"):
+        load_split(tmp_path/'cut.json')
 
 
 def test_unknown_dataset_and_missing_data(tmp_path):
@@ -193,6 +214,52 @@ def test_zero_shot_is_perfect_when_text_matches_class_means(toy):
     assert acc['top1'] >= 0.95, acc
     # shuffling the class weights must break it (the metric is not trivially 1)
     assert accuracy(zero_shot_logits(ex, w[[1, 2, 3, 0]]), ey)['top1'] < 0.3
+
+
+class ColourCLIP(nn.Module):
+    "A stand-in CLIP that knows colours: image -> chromaticity; text -> chromaticity of the colour word it contains."
+    COLOURS = {'red': (220, 40, 40), 'blue': (40, 80, 230), 'green': (40, 180, 60), 'yellow': (240, 220, 40)}
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.visual = Chroma()
+        self.visual.output_dim, self.visual.preprocess_cfg = 3, {'size': 32, 'mean': (0., 0., 0.), 'std': (1., 1., 1.)}
+        chroma = lambda rgb: torch.tensor(rgb, dtype=torch.float32) - sum(rgb) / 3
+        self.word = {int(tokenizer([w])[0, 1]): chroma(rgb) for w, rgb in self.COLOURS.items()}
+        self.logit_scale = nn.Parameter(torch.tensor(100.).log())
+
+    def encode_text(self, tokens):
+        return torch.stack([next(self.word[t] for t in row.tolist() if t in self.word) for row in tokens])
+
+
+def test_zero_shot_pipeline_separates_classes_a_model_knows(toy):
+    "zero_shot_weights + evaluate_zero_shot end to end: prompts -> text embeddings -> cosine logits -> accuracy."
+    from sidclip_guide.evaluate import evaluate_zero_shot, zero_shot_weights
+    from sidclip_guide.models import TINY_CLIP, ClipBundle, load_clip
+    tok = load_clip(TINY_CLIP).tokenizer                     # the real CLIP BPE tokenizer
+    b = ClipBundle(ColourCLIP(tok).eval(), tok, None, 'colour-clip', None, 3, 32, (0., 0., 0.), (1., 1., 1.))
+    s = make_fewshot_split(toy, 4, seed=0)
+    for templates in ('simple', 'ensemble'):
+        w = zero_shot_weights(b, s.class_names, templates, 'shape')
+        assert w.shape == (4, 3) and torch.allclose(w.norm(dim=-1), torch.ones(4))
+        r = evaluate_zero_shot(b, s, templates, progress=False)
+        assert r['top1'] >= 0.95 and r['n_test'] == 4 * 16, r['top1']
+    # the same model with the class names in the wrong order is far below: the accuracy is not trivially 1
+    bad = s.__class__(**{**vars(s), 'class_names': s.class_names[1:] + s.class_names[:1]})
+    assert evaluate_zero_shot(b, bad, progress=False)['top1'] < 0.3
+
+
+def test_results_table_keeps_numbers_numeric_and_prints_counts_as_ints(tmp_path):
+    from sidclip_guide.evaluate import results_table, save_results, to_markdown
+    df = results_table([dict(stage='synthesize', metric='images', value=24), dict(stage='evaluate', metric='top1', value=0.5),
+                        dict(stage='distill', metric='top1', value=1.0, n=np.int64(7))])
+    assert df['value'].dtype == np.float64 and df['value'].sum() == 25.5
+    lines = to_markdown(df).splitlines()
+    assert lines[2:] == ['| synthesize | images | 24 |  |', '| evaluate | top1 | 0.5000 |  |', '| distill | top1 | 1.0000 | 7 |']
+    assert to_markdown(df.sort_values('value')).splitlines()[2] == '| evaluate | top1 | 0.5000 |  |'
+    assert to_markdown(df.sort_values('value')).splitlines()[4] == '| synthesize | images | 24 |  |'
+    assert to_markdown(df.sort_values('value').reset_index(drop=True)).splitlines()[4] == '| synthesize | images | 24 |  |'
+    assert save_results(df, tmp_path)['md'].read_text() == to_markdown(df)
 
 
 def test_linear_probe_on_separable_features_beats_chance_by_far():
@@ -260,3 +327,5 @@ def test_eval_cli_writes_results_and_returns_exit_codes(toy, tmp_path, capsys):
     assert bad.func(bad) == 2 and '--dataset' in capsys.readouterr().err
     bad = _parser().parse_args(['eval', '--dataset', 'imagefolder', '--data-root', toy.root, '--k', '50', '--out', str(tmp_path/'o3')])
     assert bad.func(bad) == 2 and 'pick a smaller k' in capsys.readouterr().err
+    bad = _parser().parse_args(['eval', '--dataset', 'imagefolder', '--data-root', toy.root, '--k', '0', '--out', str(tmp_path/'o4')])
+    assert bad.func(bad) == 2 and 'positive integer' in capsys.readouterr().err

@@ -107,11 +107,6 @@ def test_bad_input(toy):
     with pytest.raises(SidclipError, match='needs a teacher'): train(_student(names), None, ds, _cfg(None))
 
 
-def _run(args, **kw):
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kw)
-
-
 def test_cli(toy, capsys):
     "`sidclip distill` in-process (the subprocess path is covered by the 2-process test): outputs, exit codes, messages."
     from sidclip_guide.distill import distill_main
@@ -128,17 +123,33 @@ def test_cli(toy, capsys):
 
 
 def test_two_processes(toy):
-    "torchrun with 2 CPU processes (gloo): DDP training works, shards the data and writes one checkpoint per epoch."
+    """torchrun with 2 CPU processes (gloo): DDP training works, shards the data and writes one checkpoint per epoch.
+    The same two processes run KD (SIDCLIP), then L2+CLIP (Popp: the teacher's texts classify the projection, DDP with
+    find_unused_parameters); `train` compares the processes' weight checksums every epoch, so a gradient that DDP did
+    not average fails here."""
     tmp, split, bundle = toy
-    out = tmp / 'mp'
-    r = _run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(29500 + os.getpid() % 1000),
-              '-m', 'sidclip_guide.distill', '--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', '2', '--quiet'])
+    runs = {'kd': (tmp / 'mp-kd', 2), 'l2+clip': (tmp / 'mp-l2clip', 1)}
+    script = tmp / 'two_runs.py'
+    args = {loss: ['--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', str(ep), '--loss', loss, '--quiet']
+            for loss, (out, ep) in runs.items()}
+    script.write_text(f"""import sys, runpy
+from sidclip_guide.distill import distill_main
+sys.argv = ['distill', *{args['kd']!r}]
+try: runpy.run_module('sidclip_guide.distill', run_name='__main__')    # `python -m sidclip_guide.distill ...`
+except SystemExit as e: assert e.code == 0, e.code
+assert distill_main({args['l2+clip']!r}) == 0
+""")
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(29500 + os.getpid() % 1000),
+                        str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_metrics(out / 'metrics.jsonl')
-    assert [x['processes'] for x in rows] == [2, 2]
-    assert rows[0]['samples'] >= 12                                      # both shards counted (padded to even batches)
-    assert read_checkpoint_manifest(out / 'checkpoints')['latest']['epoch'] == 2
-    assert r.stdout.count('distill:') == 1                                 # only the main process reports
+    for loss, (out, epochs) in runs.items():
+        rows = read_metrics(out / 'metrics.jsonl')
+        assert [x['processes'] for x in rows] == [2] * epochs, loss
+        assert rows[0]['samples'] >= 12                                  # both shards counted (padded to even batches)
+        assert read_checkpoint_manifest(out / 'checkpoints')['latest']['epoch'] == epochs
+    assert {'l2', 'aux'} <= set(read_metrics(runs['l2+clip'][0] / 'metrics.jsonl')[0])
+    assert r.stdout.count('distill:') == 2                                 # only the main process reports, once per run
 
 
 @pytest.mark.skipif(not CIFAR.is_dir(), reason='needs ../shared/data/cifar10-photos')

@@ -18,6 +18,14 @@ CLASSES = ['daisy', 'red rose', 'sun flower']
 ENV = {**os.environ, 'PYTHONPATH': str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''), 'OMP_NUM_THREADS': '1'}
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)   # tiny pipelines in-process on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
 def synth_cmd(out, n=6, gen='noise', mode='prompt', extra=()):
     return [sys.executable, '-m', 'sidclip_guide.generate', 'synth', '--classes', ','.join(CLASSES), '--out', str(out),
             '--generator', gen, '--mode', mode, '--n-per-class', str(n), '--batch-size', '4', '--device', 'cpu',
@@ -133,6 +141,8 @@ def test_rank_manifests_merge_and_resume(tmp_path):
 def test_bad_manifests(tmp_path):
     plan = plan_items(CLASSES, 'text', 2)
     run_generation(NoiseGenerator(16), plan, tmp_path, progress=False)
+    with pytest.raises(SidclipError, match='planned differently'):           # same ids, other seeds: refuse to mix two plans
+        run_generation(NoiseGenerator(16), plan_items(CLASSES, 'text', 2, seed=9), tmp_path, progress=False)
     rows = read_manifest(tmp_path)
     (tmp_path/rows[2]['file']).unlink()
     with pytest.raises(SidclipError, match='missing'): read_manifest(tmp_path)
@@ -146,35 +156,23 @@ def test_bad_manifests(tmp_path):
     with pytest.raises(SidclipError, match='Duplicate item_id'): run_generation(NoiseGenerator(16), plan + plan[:1], tmp_path/'d', progress=False)
 
 
-def _cli_has_synth() -> bool:
-    if not (REPO/'sidclip_guide'/'__main__.py').exists(): return False
-    p = run([sys.executable, '-m', 'sidclip_guide', 'synth', '--help'], check=False)
-    return p.returncode == 0 and '--n-per-class' in p.stdout
-
-
-def test_cli_synth_tiny_generators(tmp_path):
-    "`sidclip synth` with the tiny random-weight SDXL-LCM pipeline (prompt mode); Kandinsky runs in `test_cli_from_saved_split`."
-    import sidclip_guide.synthesize as S
-    if not all(hasattr(S, f) for f in ('tiny_kandinsky_generator', 'tiny_sdxl_lcm_generator')):
-        pytest.skip('tiny generators not in sidclip_guide.synthesize yet')
-    entry = ['-m', 'sidclip_guide'] if _cli_has_synth() else ['-m', 'sidclip_guide.generate']
-    for gen, mode in (('tiny-sdxl', 'prompt'),):
-        out = tmp_path/gen
-        cmd = synth_cmd(out, n=2, gen=gen, mode=mode)
-        p = run([sys.executable, *entry, *cmd[3:]])
-        assert str(out/MANIFEST) in p.stdout
-        rows = read_manifest(out)
-        assert len(rows) == 6 and {r['class_name'] for r in rows} == set(CLASSES)
-        assert rows[0]['generator'] != 'noise' and rows[0]['settings']
-        with Image.open(out/rows[0]['file']) as im: assert im.size[0] >= 16
+def test_cli_synth_tiny_sdxl(tmp_path, capsys):
+    "`synth` with the tiny random-weight SDXL-LCM pipeline (prompt mode), in-process (the subprocess CLI path is covered above)."
+    from sidclip_guide.generate import main
+    out = tmp_path/'tiny-sdxl'
+    assert main(synth_cmd(out, n=2, gen='tiny-sdxl', mode='prompt')[3:]) == 0
+    assert str(out/MANIFEST) in capsys.readouterr().out
+    rows = read_manifest(out)
+    assert len(rows) == 6 and {r['class_name'] for r in rows} == set(CLASSES)
+    assert rows[0]['generator'] == 'sdxl-lcm' and rows[0]['settings']['steps'] == 6 and rows[0]['settings']['guidance_scale'] == 0.5
+    assert all('a type of flower' in r['prompt'] for r in rows)
+    with Image.open(out/rows[0]['file']) as im: assert im.size == (32, 32)
 
 
 def test_real_shots_mix(tmp_path):
     "Mix mode from real CIFAR-10 shots with the tiny Kandinsky generator, read back as a dataset."
     data = SHARED/'data'/'cifar10-photos'
     if not data.exists(): pytest.skip(f'{data} not present')
-    import sidclip_guide.synthesize as S
-    if not hasattr(S, 'tiny_kandinsky_generator'): pytest.skip('tiny generators not in sidclip_guide.synthesize yet')
     from sidclip_guide.generate import make_generator
     classes = sorted(p.name for p in data.iterdir() if p.is_dir())[:2]
     shots = {c: sorted((data/c).glob('*.jpg'))[:2] for c in classes}
@@ -189,15 +187,14 @@ def test_real_shots_mix(tmp_path):
 
 
 def test_cli_from_saved_split(tmp_path):
-    "`synth --split` reads a saved FewShotSplit: labels follow its class order, mixes use its k shots."
-    import sidclip_guide.synthesize as S
-    if not hasattr(S, 'tiny_kandinsky_generator'): pytest.skip('tiny generators not in sidclip_guide.synthesize yet')
+    "`synth --split` reads a saved FewShotSplit: labels follow its class order, mixes use its k shots (in-process)."
     from sidclip_guide.data import make_toy_dataset, make_fewshot_split, save_split
+    from sidclip_guide.generate import main
     split = make_fewshot_split(make_toy_dataset(tmp_path/'toy', n_classes=2, n_per_class=6), k=2, seed=0)
     save_split(split, tmp_path/'split.json')
     out = tmp_path/'o'
-    run([sys.executable, '-m', 'sidclip_guide.generate', 'synth', '--split', str(tmp_path/'split.json'), '--out', str(out),
-         '--generator', 'tiny-kandinsky', '--mode', 'mix', '--n-per-class', '2', '--k', '1', '--device', 'cpu', '--no-progress'])
+    assert main(['synth', '--split', str(tmp_path/'split.json'), '--out', str(out), '--generator', 'tiny-kandinsky', '--mode', 'mix',
+                 '--n-per-class', '2', '--k', '1', '--device', 'cpu', '--no-progress']) == 0
     rows = read_manifest(out)
     assert [r['label'] for r in rows] == [0, 0, 1, 1]
     shots = split.shots_by_class(1)

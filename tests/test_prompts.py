@@ -66,3 +66,16 @@ def test_user_dimensions_and_llm_stub(tmp_path):
     with pytest.raises(SidclipError, match='needs a'): load_dimensions({'x': {'options': ['a'], 'template': 'no slot'}})
     assert [p.prompt for p in text_prompts('heron', ['a photo of a {c}', 'a {c} in the wild'])] == ['a photo of a heron', 'a heron in the wild']
     assert weighted_name('a', 1) == 'a'
+
+
+@pytest.mark.parametrize('var', ['HF_HUB_OFFLINE', 'SIDCLIP_OFFLINE'])
+def test_llm_offline_fails_fast(monkeypatch, var):
+    "Offline, an LLM that is not on disk is a clear `SidclipError` at once (no minute of hub retries)."
+    import time
+    for v in ('HF_HUB_OFFLINE', 'SIDCLIP_OFFLINE'): monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, '1')
+    from transformers import pipeline  # noqa: F401  (import time is not what this test measures)
+    t0 = time.time()
+    with pytest.raises(SidclipError, match="Could not load the LLM 'sidclip-test/no-such-llm'"):
+        llm_options('location', 'flower', model_id='sidclip-test/no-such-llm')
+    assert time.time() - t0 < 10

@@ -92,6 +92,18 @@ def test_head_init_equals_text_embeddings():
     assert torch.allclose(st2.head.weight, encode_texts(tb, head_prompts(NAMES, 'text-category', 'shape')), atol=1e-5)
 
 
+def test_build_student_emits_no_warnings():
+    "Regression: reading CLIP's logit scale must not warn (`float()` of a tensor that requires grad)."
+    import warnings
+    tb = load_clip(TINY_CLIP)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        st = build_student(StudentConfig(clip_name=TINY_STUDENT, proj_dim=32, keep_text=True), NAMES, text_bundle=tb)
+        st(torch.rand(2, 3, 32, 32))
+    assert st.head_input == 'proj'                     # the teacher's text space is classified through the projection
+    assert float(st.logit_scale) == pytest.approx(1 / 0.07, rel=1e-4)   # open_clip's initial exp(logit_scale), as a plain buffer
+
+
 def test_student_forward_contract_and_checkpoint_errors():
     st = build_student(StudentConfig(clip_name=TINY_STUDENT, proj_dim=24), NAMES)
     out = st(torch.rand(3, 3, 32, 32))

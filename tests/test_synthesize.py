@@ -153,9 +153,12 @@ def test_offline_tokenizer_matches_open_clip(tmp_path):
     assert (tmp_path / 'clip_tokenizer' / 'vocab.json').exists()
 
 
-def test_offline_failures_name_model_and_fix(monkeypatch):
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    with pytest.raises(SidclipError, match='kandinsky-2-2-prior.*local-dir'): load_kandinsky(KandinskyConfig())
+@pytest.mark.parametrize('var', ['HF_HUB_OFFLINE', 'SIDCLIP_OFFLINE'])
+def test_offline_failures_name_model_and_fix(monkeypatch, var):
+    "Either variable puts loading in local-files-only mode (the rule of `sidclip_guide.models.is_offline`)."
+    for v in ('HF_HUB_OFFLINE', 'SIDCLIP_OFFLINE'): monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, '1')
+    with pytest.raises(SidclipError, match='kandinsky-2-2-prior.*offline / local files only.*local-dir'): load_kandinsky(KandinskyConfig())
     with pytest.raises(SidclipError, match="prior_id='<folder>'"): load_kandinsky(KandinskyConfig(prior_id='/no/such/prior'))
     with pytest.raises(SidclipError, match='stable-diffusion-xl-base-1.0'): load_sdxl_lcm(SDXLConfig(lora_id=None))
     with pytest.raises(SidclipError, match='does not exist'): load_sdxl_lcm(SDXLConfig(lora_id=None, model_id='./missing/sdxl'))
