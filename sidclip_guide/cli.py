@@ -18,7 +18,7 @@ STAGE_PARSERS = [  # (command, module, parser function, one-line help for `sidcl
     ('eval', 'sidclip_guide.evaluate', 'add_eval_parser', 'zero-shot / linear-probe accuracy of a CLIP on a few-shot split'),
     ('synth', 'sidclip_guide.generate', 'add_synth_parser', 'generate the synthetic training set (resumable, shardable)'),
     ('distill', 'sidclip_guide.distill', 'add_distill_parser', 'distil a CLIP teacher into a small student (SIDCLIP KD or feature distillation)'),
-    ('probe', 'sidclip_guide.probes', 'add_probe_parser', 'probe a CLIP teacher: common corruptions, synthetic<->real transfer, spurious colour/background cues')]
+    ('probe', 'sidclip_guide.probes', 'add_probe_parser', 'probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues')]
 
 DEMO_STAGES = [('evaluate', 'sidclip_guide.evaluate', 'demo_eval'),    # split + zero-shot + linear probe
                ('synthesize', 'sidclip_guide.generate', 'demo_synth'), # mixed-embedding and prompt synthesis

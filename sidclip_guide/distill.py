@@ -19,13 +19,14 @@ from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
 
 # %% auto #0
-__all__ = ['LOSSES', 'IMAGE_SUFFIXES', 'CKPT_FORMAT', 'DistillConfig', 'synthetic_items', 'build_distill_dataset',
-           'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment', 'make_scheduler', 'batch_loss',
-           'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'read_checkpoint_manifest', 'latest_checkpoint', 'load_checkpoint', 'evaluate_top1', 'read_metrics',
-           'write_metrics_csv', 'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids', 'teacher_outputs',
-           'train', 'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher', 'make_student',
-           'add_distill_parser', 'run_distill', 'distill_main', 'demo_distill']
+__all__ = ['LOSSES', 'IMAGE_SUFFIXES', 'CKPT_FORMAT', 'STUDENT_FILES', 'DistillConfig', 'synthetic_items',
+           'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment', 'make_scheduler',
+           'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state',
+           'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'load_checkpoint', 'evaluate_top1',
+           'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids',
+           'teacher_outputs', 'train', 'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher',
+           'make_student', 'save_student', 'load_student', 'add_distill_parser', 'run_distill', 'distill_main',
+           'demo_distill']
 
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSSES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')
@@ -649,6 +650,38 @@ def make_student(class_names: list[str],   # classes in label order
     return build_student(StudentConfig(clip_name or STUDENT_CLIP, pretrained, timm_name=timm_name, proj_dim=proj), class_names, category,
                          text_bundle=text_bundle if feat else None)
 
+# %% ../nbs/10_distill.ipynb #e840091f
+STUDENT_FILES = ('student.safetensors', 'student.json')
+
+def save_student(student: nn.Module, # a trained student (`Student`, from `make_student`)
+                 out: str | Path,    # run folder
+                 spec: dict,         # `make_student` arguments: clip_name, timm_name, teacher_dim, category, init, loss, image_size
+                ) -> Path:
+    "Write the student's weights and the spec that rebuilds it; returns the weights path."
+    from safetensors.torch import save
+    out = Path(out)
+    spec = {**spec, 'class_names': list(student.class_names), 'head_input': getattr(student, 'head_input', 'embeds'), 'format': 1}
+    w = atomic_write_bytes(out/STUDENT_FILES[0], save({k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}))
+    atomic_write_json(out/STUDENT_FILES[1], spec)
+    return w
+
+def load_student(run_dir: str | Path,           # a `sidclip distill` run folder (or any folder `save_student` wrote)
+                 device: str | torch.device = 'cpu', # where to put the student
+                ) -> nn.Module:
+    "Rebuild a trained student from `student.json` and load `student.safetensors` (strictly, no pickles)."
+    from safetensors.torch import load_file
+    from sidclip_guide.student import load_state_strict
+    run_dir = Path(run_dir)
+    missing = [f for f in STUDENT_FILES if not (run_dir/f).is_file()]
+    if missing: raise SidclipError(f"{run_dir} has no {missing}: point load_student at the --out folder of a finished `sidclip distill` run.")
+    spec = json.loads((run_dir/STUDENT_FILES[1]).read_text())
+    cfg = DistillConfig(loss=spec['loss'], init=spec['init'], image_size=spec['image_size'])
+    st = make_student(spec['class_names'], cfg, spec['clip_name'], None, spec['timm_name'], spec['teacher_dim'], spec['category'])
+    if spec.get('head_input') == 'proj' and getattr(st, 'head_input', 'embeds') != 'proj':   # head on the projection (teacher's texts)
+        st.head_input, st.head = 'proj', nn.Linear(spec['teacher_dim'], len(spec['class_names']), bias=False)
+    load_state_strict(st, load_file(str(run_dir/STUDENT_FILES[0])), what=f'student weights in {run_dir}')
+    return st.to(device).eval()
+
 # %% ../nbs/10_distill.ipynb #e1a96b61
 def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     "Add `sidclip distill` to an argparse subparsers object."
@@ -706,7 +739,7 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     from safetensors.torch import save_file
     from accelerate import PartialState
     from sidclip_guide.models import load_clip, TINY_CLIP
-    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG
+    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG, STUDENT_CLIP
     from sidclip_guide.data import load_split, make_toy_dataset, make_fewshot_split, train_transform, eval_transform, ImageListDataset
     cfg = _config_from_args(args); out = Path(args.out)
     if args.split: split = load_split(args.split)
@@ -728,7 +761,9 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=cache, resume=args.resume, stop_after=args.stop_after)
     if PartialState().is_main_process:
         from safetensors.torch import save
-        atomic_write_bytes(out/'student.safetensors', save({k: v.detach().cpu().contiguous().clone() for k, v in res.student.state_dict().items()}))
+        save_student(res.student, out, dict(clip_name=TINY_STUDENT if args.tiny else (args.student or STUDENT_CLIP),
+                     timm_name=TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
+                     teacher_dim=teacher.embed_dim, category=split.category, init=cfg.init, loss=cfg.loss, image_size=cfg.image_size))
         if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png')
         last = read_metrics(out/'metrics.jsonl')[-1] if (out/'metrics.jsonl').exists() else {}
         print(f"distill: {len(ds)} training images, epoch {last.get('epoch')}/{cfg.epochs}, loss {last.get('loss', float('nan')):.4f}, "
@@ -745,10 +780,6 @@ def distill_main(argv: list[str] | None = None, # arguments after `distill` (def
     try: return args.func(args)
     except SidclipError as e:
         print(f'sidclip distill: error: {e}', file=sys.stderr); return 2
-
-# %% ../nbs/10_distill.ipynb #29b522e3
-if __name__ == '__main__' and Path(globals().get('__file__', '')).stem == 'distill':
-    import sys; sys.exit(distill_main())
 
 # %% ../nbs/10_distill.ipynb #02788b9b
 def demo_distill(ctx,               # a `DemoContext` with artifacts 'split', 'teacher_bundle' (and optionally 'manifest')
@@ -794,3 +825,7 @@ def demo_distill(ctx,               # a `DemoContext` with artifacts 'split', 't
 
 `ENB0` is the standalone timm network trained with CE on the shots; `+D` adds Hinton KD (α = 0.5, T = 4); `+I` initialises the head from text embeddings of "A photo of {{class}}."; `+S` adds the synthetic images. Curves of the last run: `distill_metrics.png`.""")
     finally: torch.set_num_threads(threads)
+
+# %% ../nbs/10_distill.ipynb #29b522e3
+if __name__ == '__main__' and Path(globals().get('__file__', '')).stem == 'distill':
+    import sys; sys.exit(distill_main())

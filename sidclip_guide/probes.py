@@ -404,8 +404,9 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
                   cfg: ProbeConfig = ProbeConfig(), # what to measure
                   synthetic: list | None = None, # (path, label) synthetic images for the transfer probe
                   device: str | torch.device = 'cpu', # where to run
+                  student: nn.Module | None = None, # a distilled student (`distill.load_student`) to probe beside the teacher
                  ) -> dict:
-    "Corruption robustness, synthetic↔real transfer and the shapes probe of a CLIP with a head fitted on the split's shots."
+    "Corruption robustness, synthetic↔real transfer and the shapes probe of a CLIP with a head fitted on the split's shots (and of a student)."
     from sidclip_guide.data import eval_transform
     from sidclip_guide.evaluate import results_table, save_results
     out = Path(out); seed_everything(cfg.seed)
@@ -417,8 +418,22 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
     rows = [dict(probe='corruption', model='teacher', setting=f'{k}@{s}' if k != 'clean' else 'clean', metric='top1', value=v)
             for k, s, v in rob.itertuples(index=False)]
     rows += [dict(probe='corruption', model='teacher', setting='summary', metric=m, value=v) for m, v in robustness_summary(rob).items()]
-    plot_robustness(rob, out / 'probe_robustness.png', title=f'{bundle.name}: top-1 under common corruptions')
     res = {'robustness': rob, 'teacher': teacher}
+    if student is not None:
+        if list(student.class_names) != list(split.class_names):
+            raise SidclipError(f"The student's classes {list(student.class_names)[:5]}... differ from the split's {split.class_names[:5]}...: "
+                               "probe it with the split it was distilled on.")
+        student = student.to(device).eval()
+        s_ds = ImageListDataset(test, eval_transform(student.image_size))
+        srob = corruption_robustness(student, s_ds, cfg.kinds, cfg.severities, cfg.batch_size, device, cfg.seed)
+        rows += [dict(probe='corruption', model='student', setting=f'{k}@{s}' if k != 'clean' else 'clean', metric='top1', value=v)
+                 for k, s, v in srob.itertuples(index=False)]
+        rows += [dict(probe='corruption', model='student', setting='summary', metric=m, value=v) for m, v in robustness_summary(srob).items()]
+        res['student_robustness'] = srob
+        import pandas as pd
+        plot_robustness(pd.concat([rob.assign(model='teacher'), srob.assign(model='student')], ignore_index=True),
+                        out / 'probe_robustness.png', title=f'{bundle.name} teacher vs student: top-1 under common corruptions')
+    else: plot_robustness(rob, out / 'probe_robustness.png', title=f'{bundle.name}: top-1 under common corruptions')
     if synthetic:
         fit, held = synthetic_halves(synthetic)
         t_syn = fit_clip_head(bundle, split.class_names, fit, split.category, cfg.head_epochs).to(device)
@@ -432,6 +447,9 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
     sp = feature_reliance(teacher, sets, device, cfg.batch_size, cfg.seed)
     rows += [dict(probe='shapes', model='teacher features', setting=k, metric='top1' if 'drop' not in k else 'drop', value=v) for k, v in sp.items()]
     res['shapes'] = sp
+    if student is not None:
+        res['student_shapes'] = ssp = feature_reliance(student, sets, device, cfg.batch_size, cfg.seed)
+        rows += [dict(probe='shapes', model='student features', setting=k, metric='top1' if 'drop' not in k else 'drop', value=v) for k, v in ssp.items()]
     df = results_table(rows); save_results(df, out, 'results')
     res['results'] = df
     return res
@@ -440,16 +458,18 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
 def add_probe_parser(subparsers) -> argparse.ArgumentParser:
     "Add `sidclip probe` to an argparse subparsers object."
     d = ProbeConfig()
-    p = subparsers.add_parser('probe', help='probe a CLIP teacher: common corruptions, synthetic<->real transfer, spurious colour/background cues',
+    p = subparsers.add_parser('probe', help='probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues',
                               description='Fit a linear head on the split\'s shots on top of a CLIP image tower, then measure top-1 under '
                                           'ImageNet-C style corruptions on the test set, synthetic->real and real->synthetic transfer '
-                                          '(with --manifest), and reliance on colour/background in a toy shapes world (Popp et al.). '
+                                          '(with --manifest), and reliance on colour/background in a toy shapes world (Popp et al.); '
+                                          'with --run, the same for the student a `sidclip distill` run trained. '
                                           'Writes results.csv, results.md and probe_robustness.png to --out.')
     p.add_argument('--split', required=True, help='few-shot split JSON (from save_split)')
     p.add_argument('--root', default=None, help="folder the split's relative paths start from (default: the one stored in the split)")
     p.add_argument('--model', required=True, help="CLIP to probe: open_clip name (ViT-L-14), 'hf-hub:org/repo' or a registered config")
     p.add_argument('--pretrained', default=None, help='weights tag (openai) or checkpoint path (default: none = random init)')
     p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) for the synthetic<->real transfer probe')
+    p.add_argument('--run', default=None, help='a `sidclip distill --out` folder: also probe the distilled student in it')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--corruptions', default=','.join(d.kinds), help=f"comma-separated corruptions from {', '.join(CORRUPTIONS)} (default: %(default)s)")
     p.add_argument('--severities', default=','.join(map(str, d.severities)), help='comma-separated severities 1..5 (default: %(default)s)')
@@ -484,7 +504,11 @@ def run_probe(args: argparse.Namespace, # parsed `sidclip probe` arguments
     device = get_device(args.device)
     bundle = load_clip(args.model, args.pretrained, device=str(device))
     t0 = time.time()
-    res = probe_teacher(bundle, split, args.out, cfg, synthetic, device)
+    student = None
+    if args.run:
+        from sidclip_guide.distill import load_student
+        student = load_student(args.run, device)
+    res = probe_teacher(bundle, split, args.out, cfg, synthetic, device, student)
     s = res['robustness'].attrs
     print(f"probe: clean top-1 {s['clean']:.3f}, mean corruption acc {s['mean_corruption_acc']:.3f} (relative drop {s['relative_drop']:.3f}); "
           f"shapes colour_drop {res['shapes']['colour_drop']:.3f}; {time.time() - t0:.0f}s -> {Path(args.out) / 'results.md'}")
