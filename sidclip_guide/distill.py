@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader, Sampler
 
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                                 append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
+                                 append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, cpu_threads)
 
 # %% auto #0
 __all__ = ['LOSSES', 'IMAGE_SUFFIXES', 'CKPT_FORMAT', 'STUDENT_FILES', 'DistillConfig', 'synthetic_items',
@@ -624,11 +624,8 @@ def make_teacher(bundle,                 # a `models.ClipBundle` (the teacher CL
                  templates: str = 'simple', # zero-shot prompt templates
                 ):
     "SIDCLIP's teacher: CLIP zero-shot head on the split's classes, fine-tuned on the k real shots."
-    from sidclip_guide.teacher import Teacher
-    from sidclip_guide.data import ImageListDataset, eval_transform
-    t = Teacher.from_clip(bundle, split.class_names, split.category, templates)
-    if k > 0: t.fit_head(ImageListDataset(split.shots(k), eval_transform(t.image_size)), epochs=head_epochs)
-    return t
+    from sidclip_guide.teacher import clip_teacher
+    return clip_teacher(bundle, split.class_names, split.shots(k) if k > 0 else None, split.category, templates, head_epochs)
 
 def make_student(class_names: list[str],   # classes in label order
                  cfg: DistillConfig,       # uses init, loss, image_size
@@ -792,9 +789,7 @@ def demo_distill(ctx,               # a `DemoContext` with artifacts 'split', 't
     split, bundle = ctx.artifacts.get('split'), ctx.artifacts.get('teacher_bundle')
     if split is None or bundle is None: raise SidclipError("demo_distill needs ctx.artifacts['split'] and ['teacher_bundle']: run the evaluate stage first.")
     manifest, k, out = ctx.artifacts.get('manifest'), ctx.artifacts.get('k', split.k), Path(ctx.out)
-    threads = torch.get_num_threads()
-    if get_device(ctx.device).type == 'cpu': torch.set_num_threads(1)   # tiny models: one thread beats two contending ones
-    try:
+    with cpu_threads(ctx.device, 1):   # tiny models: one thread beats two contending ones
         teacher = make_teacher(bundle, split, k, head_epochs=50)
         cache = TeacherCache(teacher)
         test_ds = ImageListDataset(split.test_items(), eval_transform(32))
@@ -824,7 +819,6 @@ def demo_distill(ctx,               # a `DemoContext` with artifacts 'split', 't
 {rows}
 
 `ENB0` is the standalone timm network trained with CE on the shots; `+D` adds Hinton KD (α = 0.5, T = 4); `+I` initialises the head from text embeddings of "A photo of {{class}}."; `+S` adds the synthetic images. Curves of the last run: `distill_metrics.png`.""")
-    finally: torch.set_num_threads(threads)
 
 # %% ../nbs/10_distill.ipynb #29b522e3
 if __name__ == '__main__' and Path(globals().get('__file__', '')).stem == 'distill':

@@ -14,14 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import SidclipError, atomic_save_image, atomic_write_text, stable_seed, get_device, seed_everything
+from .utils import SidclipError, atomic_save_image, atomic_write_text, stable_seed, get_device, seed_everything, cpu_threads
 from .data import DatasetInfo, ImageListDataset, load_dataset, _SHAPES, _COLOURS, _draw_shape
+from .teacher import clip_teacher
 
 # %% auto #0
 __all__ = ['SHAPE_SETS', 'CORRUPTIONS', 'as_dataset', 'predict', 'shape_image', 'shapes_probe_sets', 'ColourStats', 'SmallCNN',
            'load_tensors', 'fit_classifier', 'spurious_reliance', 'feature_reliance', 'corrupt',
            'corruption_robustness', 'robustness_summary', 'plot_robustness', 'transfer_matrix', 'ProbeConfig',
-           'fit_clip_head', 'synthetic_halves', 'probe_teacher', 'add_probe_parser', 'run_probe', 'demo_probe']
+           'synthetic_halves', 'probe_teacher', 'add_probe_parser', 'run_probe', 'demo_probe']
 
 # %% ../nbs/11_probes.ipynb #4b38bb42
 def _logits(model: nn.Module,  # a classifier: returns a logits tensor or a dict with 'logits'
@@ -376,19 +377,6 @@ class ProbeConfig:
     max_test: int | None = None    # cap on test images (None: all), for quick runs
     seed: int = 0                  # seed of corruptions, shapes images and synthetic halves
 
-def fit_clip_head(bundle,            # a `models.ClipBundle`
-                  class_names: Sequence[str], # classes in label order
-                  items: list,       # (path, label) pairs to fit the head on
-                  category: str = 'object', # category word for the prompts
-                  epochs: int = 100, # full-batch steps of the head fit
-                 ):
-    "A CLIP `Teacher` whose zero-shot head is fine-tuned on `items` (SIDCLIP's teacher recipe on any image set)."
-    from sidclip_guide.teacher import Teacher
-    from sidclip_guide.data import eval_transform
-    t = Teacher.from_clip(bundle, list(class_names), category)
-    if items: t.fit_head(ImageListDataset(items, eval_transform(t.image_size)), epochs=epochs)
-    return t
-
 def synthetic_halves(items: list, # (path, label) synthetic images
                     ) -> tuple[list, list]:
     "Split synthetic items into a head-fitting half and a held-out half, alternating within each class."
@@ -412,7 +400,7 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
     out = Path(out); seed_everything(cfg.seed)
     test = split.test_items()[: cfg.max_test] if cfg.max_test else split.test_items()
     if not test: raise SidclipError("The split has no test images: the probes evaluate on the test set; make the split with test images.")
-    teacher = fit_clip_head(bundle, split.class_names, split.shots(), split.category, cfg.head_epochs).to(device)
+    teacher = clip_teacher(bundle, split.class_names, split.shots(), split.category, epochs=cfg.head_epochs).to(device)
     test_ds = ImageListDataset(test, eval_transform(teacher.image_size))
     rob = corruption_robustness(teacher, test_ds, cfg.kinds, cfg.severities, cfg.batch_size, device, cfg.seed)
     rows = [dict(probe='corruption', model='teacher', setting=f'{k}@{s}' if k != 'clean' else 'clean', metric='top1', value=v)
@@ -436,7 +424,7 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
     else: plot_robustness(rob, out / 'probe_robustness.png', title=f'{bundle.name}: top-1 under common corruptions')
     if synthetic:
         fit, held = synthetic_halves(synthetic)
-        t_syn = fit_clip_head(bundle, split.class_names, fit, split.category, cfg.head_epochs).to(device)
+        t_syn = clip_teacher(bundle, split.class_names, fit, split.category, epochs=cfg.head_epochs).to(device)
         tm = transfer_matrix({'real shots': teacher, 'synthetic': t_syn},
                              {'real test': test_ds, 'synthetic (held-out)': ImageListDataset(held or fit, eval_transform(teacher.image_size))},
                              cfg.batch_size, device)
@@ -527,9 +515,8 @@ def demo_probe(ctx,   # a `DemoContext` with artifacts 'student', 'teacher', 'sp
     student, teacher, split = a.get('student'), a.get('teacher'), a.get('split')
     if student is None or teacher is None or split is None:
         raise SidclipError("demo_probe needs ctx.artifacts['student'], ['teacher'] and ['split']: run the distill stage first.")
-    out, threads = Path(ctx.out), torch.get_num_threads()
-    if get_device(ctx.device).type == 'cpu': torch.set_num_threads(1)
-    try:
+    out = Path(ctx.out)
+    with cpu_threads(ctx.device, 1):   # tiny models: one thread beats two contending ones
         models = {'teacher': teacher, 'student': student}
         test = ImageListDataset(split.test_items(), eval_transform(32))
         robs = []
@@ -550,7 +537,7 @@ def demo_probe(ctx,   # a `DemoContext` with artifacts 'student', 'teacher', 'sp
             from sidclip_guide.distill import synthetic_items
             fit, held = synthetic_halves(synthetic_items(manifest, split.class_names))
             clfs = dict(models)
-            if bundle is not None: clfs['teacher head on synthetic'] = fit_clip_head(bundle, split.class_names, fit, split.category, 50).to(ctx.device)
+            if bundle is not None: clfs['teacher head on synthetic'] = clip_teacher(bundle, split.class_names, fit, split.category, epochs=50).to(ctx.device)
             tm = transfer_matrix(clfs, {'real test': test, 'synthetic (held-out)': ImageListDataset(held or fit, eval_transform(32))}, 64, ctx.device)
             for tr in tm.index:
                 for ev in tm.columns: ctx.add_row(stage='probe', method=tr, metric=f'top1 on {ev}', value=round(float(tm.loc[tr, ev]), 4))
@@ -564,4 +551,3 @@ Spurious-feature probe (Popp et al.): a linear probe on each model's frozen feat
 
 {to_markdown(sp)}{transfer}""")
         a['probe'] = {'robustness': rob, 'shapes': shapes}
-    finally: torch.set_num_threads(threads)

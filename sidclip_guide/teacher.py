@@ -16,7 +16,7 @@ from .utils import SidclipError, atomic_write_bytes, atomic_write_json
 from .models import ImageEncoder, ClipBundle
 
 # %% auto #0
-__all__ = ['Teacher', 'check_same_classes', 'cache_key', 'teacher_fingerprint', 'TeacherCache']
+__all__ = ['Teacher', 'clip_teacher', 'check_same_classes', 'cache_key', 'teacher_fingerprint', 'TeacherCache']
 
 # %% ../nbs/08_teacher.ipynb #03954f2f
 class Teacher(nn.Module):
@@ -143,6 +143,20 @@ def _fit_head(self, images_or_loader,           # (N,3,H,W) [0,1] tensor, a Data
     acc = (self.logits_from_embeds(e).argmax(-1) == y).float().mean().item()
     return {'loss': losses, 'train_acc': acc, 'n': len(y)}
 Teacher.fit_head = _fit_head
+
+# %% ../nbs/08_teacher.ipynb #96265bdd
+def clip_teacher(bundle: ClipBundle,             # the teacher CLIP (`models.load_clip`)
+                 class_names: Sequence[str],     # classes in label order
+                 items: Sequence | None = None,  # (path, label) images to fine-tune the head on; None/empty keeps the zero-shot head
+                 category: str = 'object',       # category word for the prompts
+                 templates: str = 'simple',      # zero-shot prompt templates
+                 epochs: int = 100,              # full-batch steps of the head fit
+                ) -> Teacher:
+    "A CLIP `Teacher` whose zero-shot head is fine-tuned on `items` when given."
+    from sidclip_guide.data import ImageListDataset, eval_transform
+    t = Teacher.from_clip(bundle, list(class_names), category, templates)
+    if items: t.fit_head(ImageListDataset(list(items), eval_transform(t.image_size)), epochs=epochs)
+    return t
 
 # %% ../nbs/08_teacher.ipynb #17c18f53
 def check_same_classes(teacher,  # anything with `.class_names` (a `Teacher`)

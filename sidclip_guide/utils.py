@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_utils.ipynb #b68f7174
 from __future__ import annotations
-import os, re, json, random, tempfile, hashlib, unicodedata
+import os, re, json, random, tempfile, hashlib, unicodedata, contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,7 +13,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['SidclipError', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_save_image', 'read_jsonl',
-           'append_jsonl', 'slugify', 'stable_seed', 'seed_everything', 'get_device', 'DemoContext']
+           'append_jsonl', 'slugify', 'stable_seed', 'seed_everything', 'get_device', 'cpu_threads', 'DemoContext']
 
 # %% ../nbs/00_utils.ipynb #a6cb8538
 class SidclipError(ValueError):
@@ -135,6 +135,18 @@ def get_device(device: str | None = None, # 'cpu', 'cuda', 'cuda:1', 'mps', or N
     if d.type == 'cuda' and not torch.cuda.is_available():
         raise SidclipError(f"device {device!r} was asked for but CUDA is not available: pass device='cpu' or run on a GPU runtime.")
     return d
+
+# %% ../nbs/00_utils.ipynb #ec794f3a
+@contextlib.contextmanager
+def cpu_threads(device,   # the device the block runs on (str or torch.device); only 'cpu' changes anything
+                n: int = 1, # torch intra-op threads inside the block
+               ):
+    "On a CPU `device`, run the block with `n` torch threads and restore the old count after; elsewhere do nothing."
+    import torch
+    if get_device(device).type != 'cpu': yield; return
+    old = torch.get_num_threads(); torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(old)
 
 # %% ../nbs/00_utils.ipynb #073a398b
 @dataclass

@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 from sidclip_guide.utils import SidclipError, append_jsonl, DemoContext
+from sidclip_guide.teacher import clip_teacher
 from sidclip_guide.probes import (CORRUPTIONS, SHAPE_SETS, corrupt, corruption_robustness, robustness_summary, plot_robustness,
                                   shapes_probe_sets, spurious_reliance, feature_reliance, fit_classifier, load_tensors,
-                                  ColourStats, SmallCNN, transfer_matrix, add_probe_parser, demo_probe, fit_clip_head,
+                                  ColourStats, SmallCNN, transfer_matrix, add_probe_parser, demo_probe,
                                   synthetic_halves, _logits)
 
 
@@ -202,7 +203,7 @@ def test_demo_probe(toy, tmp_path):
     ctx = DemoContext(out=tmp_path)
     with pytest.raises(SidclipError, match='distill stage'): demo_probe(ctx)
     ctx.artifacts.update(split=split, teacher_bundle=bundle, manifest=str(tmp / 'syn' / 'manifest.jsonl'),
-                         teacher=fit_clip_head(bundle, split.class_names, split.shots(), epochs=10),
+                         teacher=clip_teacher(bundle, split.class_names, split.shots(), epochs=10),
                          student=timm_student('tinynet_e', split.class_names, image_size=32))
     n = torch.get_num_threads()
     demo_probe(ctx)
