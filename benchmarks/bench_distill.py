@@ -6,7 +6,7 @@
 Prints samples/s in the steady state (epochs after the first, when the teacher cache is warm) and ratios:
   naive       plain loop: fp32, NCHW, no cache, pageable memory, loss.item() every step
   engine      train(): same fp32 maths through accelerate (overhead check)
-  +cl         channels_last (CUDA only)
+  +cl         channels_last (NHWC; CUDA and CPU)
   +bf16       torch.autocast bf16 (CUDA only)
   +cache      TeacherCache keyed by (image, augmentation seed), aug_pool=1: teacher paid once per image
   student     student-only training (loss='ce', no teacher) with the same settings: the floor
@@ -97,15 +97,15 @@ def main(argv=None):
     workers = a.workers if a.workers is not None else (0 if a.device == 'cpu' else 4)
     if a.device == 'cpu': torch.set_num_threads(a.threads or 1)
     teacher, make_student, data, bs, epochs = build(a.device, quick)
-    base = DistillConfig(loss='kd', epochs=epochs, batch_size=bs, lr=1e-3, device=a.device, progress=False, num_workers=workers,
-                         amp='no', channels_last=False, randaugment=False, aug_pool=1)
+    base = DistillConfig(loss='kd', epochs=epochs, min_steps=0, batch_size=bs, lr=1e-3, head_lr_mult=1.0, warmup=0.0, bn='train',
+                         head_init='keep', alpha=0.5, device=a.device, progress=False, num_workers=workers,
+                         amp='no', channels_last=False, randaugment=False, aug_pool=1)      # the naive loop's maths
     rows = []
     t0 = time.perf_counter()
     rows.append(('naive fp32 loop', naive(teacher, make_student(), data, bs, epochs, a.device, workers)))
     rows.append(('engine fp32', engine(teacher, make_student(), data, base)))
-    cfg = base
+    cfg = replace(base, channels_last=True); rows.append(('+ channels_last', engine(teacher, make_student(), data, cfg)))
     if a.device == 'cuda':
-        cfg = replace(cfg, channels_last=True); rows.append(('+ channels_last', engine(teacher, make_student(), data, cfg)))
         cfg = replace(cfg, amp='bf16'); rows.append(('+ bf16 autocast', engine(teacher, make_student(), data, cfg)))
     rows.append(('+ teacher cache', engine(teacher, make_student(), data, cfg, TeacherCache(teacher))))
     rows.append(('student only (no teacher)', engine(teacher, make_student(), data, replace(cfg, loss='ce'))))

@@ -15,66 +15,81 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader, Sampler
 
+from .teacher import cache_key
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, cpu_threads)
 
 # %% auto #0
-__all__ = ['LOSSES', 'IMAGE_SUFFIXES', 'CKPT_FORMAT', 'STUDENT_FILES', 'DistillConfig', 'synthetic_items',
+__all__ = ['LOSS_NAMES', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'DistillConfig', 'synthetic_items',
            'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment', 'make_scheduler',
            'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state',
            'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'load_checkpoint', 'evaluate_top1',
            'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids',
-           'teacher_outputs', 'train', 'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher',
-           'make_student', 'save_student', 'load_student', 'add_distill_parser', 'run_distill', 'distill_main',
-           'demo_distill']
+           'teacher_outputs', 'set_train_mode', 'param_groups', 'step_budget', 'probe_head', 'train',
+           'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher', 'make_student', 'save_student',
+           'load_student', 'add_distill_parser', 'run_distill', 'distill_main', 'demo_distill']
 
 # %% ../nbs/10_distill.ipynb #152dd670
-LOSSES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')
+LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')   # the keys of the `LOSSES` registry (below)
+_NO_EFFECT = ('device', 'progress', 'num_workers', 'out_dir', 'eval_every', 'save_every', 'keep')  # fields a resume may change
 
 @dataclass
 class DistillConfig:
-    "Everything that defines a distillation run (SIDCLIP defaults)."
+    "Everything that defines a distillation run. KD form, T-softening and RandAugment are SIDCLIP's; the few-shot numbers are this library's own, chosen on real photos (see the benchmark section)."
     loss: str = 'kd'                 # 'kd' (SIDCLIP), 'l2' (Popp), 'ce' (no distillation), 'l2+clip', 'l2+mp'
-    alpha: float = 0.5               # KD weight α in α·T²·KL + (1−α)·CE, in [0, 1]
-    T: float = 4.0                   # KD temperature, > 0
+    alpha: float = 0.9               # KD weight α in α·T²·KL + (1−α)·CE, in [0, 1] (papers give none: library's choice)
+    T: float = 4.0                   # KD temperature, > 0 (papers give none: library's choice)
     aux_weight: float = 1.0          # weight of the CLIP / multi-positive term in 'l2+clip' / 'l2+mp'
-    epochs: int = 10                 # passes over the distillation set
-    batch_size: int = 64             # per-process batch size (Popp: 256)
-    lr: float = 1e-3                 # peak AdamW learning rate (Popp: 5e-4 constant)
+    epochs: int = 10                 # passes over the distillation set (at least; see min_steps)
+    min_steps: int = 100             # at least this many optimizer steps: tiny few-shot sets get more epochs, large sets are unaffected
+    batch_size: int = 32             # per-process batch size (Popp: 256)
+    lr: float = 3e-4                 # peak AdamW learning rate of the backbone (Popp: 5e-4 constant)
+    head_lr_mult: float = 10.0       # the class head learns this many times faster than the backbone
     weight_decay: float = 0.05       # AdamW weight decay
     schedule: str = 'cosine'         # 'cosine' (SIDCLIP) or 'constant' (Popp)
-    warmup: int = 0                  # linear warm-up steps
+    warmup: float = 0.1              # linear warm-up, as a fraction of the run's optimizer steps, in [0, 1)
+    bn: str = 'frozen'               # BatchNorm running statistics: 'frozen' (keep the pretrained ones) or 'train' (update them)
+    head_init: str = 'auto'          # 'probe' (LP-FT: head from a linear probe on the labelled set), 'keep' (as built), 'auto' (probe for kd/ce unless text-initialised)
     randaugment: bool = True         # RandAugment in the training transform (SIDCLIP ablation switch)
-    aug_pool: int = 0                # 0: fresh augmentation every epoch; n: cycle n augmentation draws per image (teacher-cache friendly)
+    randaugment_ops: int = 2         # RandAugment operations per image (SIDCLIP paper: 6; library's choice: 2)
+    aug_pool: int = 16               # n: cycle n augmentation draws per image, so teacher outputs are cached; 0: fresh draws every epoch
     use_synthetic: bool = True       # add the synthetic images to the real shots (ablation switch)
     init: str = 'text'               # student head init: 'text' (SIDCLIP Initialize) or 'none' (standalone timm ablation)
     amp: str = 'no'                  # mixed precision: 'no', 'bf16' or 'fp16' (fp16 only on CUDA)
-    channels_last: bool = True       # NHWC memory format for the student on CUDA (ignored on CPU)
+    channels_last: bool = True       # NHWC memory format for student and teacher (faster for CNNs on CUDA and CPU)
     seed: int = 0                    # seeds data order, augmentations and init
     num_workers: int = 0             # DataLoader worker processes
     out_dir: str | None = None       # run folder: checkpoints/, metrics.jsonl, metrics.csv; None keeps nothing on disk
-    save_every: int = 1              # checkpoint every n epochs (and always after the last)
-    eval_every: int = 1              # evaluate on the test set every n epochs (and after the last)
+    save_every: int = 0              # checkpoint every n epochs (and always after the last); 0: about ten per run
+    keep: int = 2                    # keep the newest n checkpoints (0: all)
+    eval_every: int = 0              # test-set top-1 every n epochs; 0: only after the last
     image_size: int = 224            # training image size of the student transform
     device: str | None = None        # 'cpu', 'cuda', ... or None for the best available
     progress: bool = True            # show a tqdm bar with loss and accuracy
 
     @classmethod
     def popp(cls, **kw) -> 'DistillConfig':
-        "Popp et al.'s feature-distillation settings: L2 loss, constant 5e-4, batch 256, no warm-up."
-        return cls(**{**dict(loss='l2', lr=5e-4, batch_size=256, schedule='constant', weight_decay=0.0), **kw})
+        "Popp et al.'s feature-distillation settings: L2 loss, constant 5e-4, batch 256, no warm-up, BatchNorm statistics trained."
+        return cls(**{**dict(loss='l2', lr=5e-4, batch_size=256, schedule='constant', weight_decay=0.0, warmup=0.0,
+                             bn='train', head_lr_mult=1.0, min_steps=0), **kw})
 
     def validate(self) -> 'DistillConfig':
         "Raise `SidclipError` for values no run can use; return self."
-        if self.loss not in LOSSES: raise SidclipError(f"DistillConfig.loss={self.loss!r} is unknown: use one of {LOSSES}.")
-        if not 0.0 <= self.alpha <= 1.0: raise SidclipError(f"DistillConfig.alpha={self.alpha} is outside [0, 1]: α weighs KD against CE, e.g. 0.5.")
-        if not self.T > 0: raise SidclipError(f"DistillConfig.T={self.T} must be > 0 (the KD temperature, e.g. 4).")
-        if self.schedule not in ('cosine', 'constant'): raise SidclipError(f"DistillConfig.schedule={self.schedule!r}: use 'cosine' or 'constant'.")
-        if self.amp not in ('no', 'bf16', 'fp16'): raise SidclipError(f"DistillConfig.amp={self.amp!r}: use 'no', 'bf16' or 'fp16'.")
-        if self.init not in ('text', 'none'): raise SidclipError(f"DistillConfig.init={self.init!r}: use 'text' or 'none'.")
-        for k in ('epochs', 'batch_size', 'save_every', 'eval_every'):
-            if getattr(self, k) < 1: raise SidclipError(f"DistillConfig.{k}={getattr(self, k)} must be >= 1.")
-        if self.aug_pool < 0: raise SidclipError(f"DistillConfig.aug_pool={self.aug_pool} must be >= 0.")
+        def bad(field, why): raise SidclipError(f"DistillConfig.{field}={getattr(self, field)!r} {why}")
+        if self.loss not in LOSS_NAMES: bad('loss', f"is unknown: use one of {LOSS_NAMES}.")
+        if not 0.0 <= self.alpha <= 1.0: bad('alpha', "is outside [0, 1]: α weighs KD against CE, e.g. 0.9.")
+        if not self.T > 0: bad('T', "must be > 0 (the KD temperature, e.g. 4).")
+        for k, ok in [('schedule', ('cosine', 'constant')), ('amp', ('no', 'bf16', 'fp16')), ('init', ('text', 'none')),
+                      ('bn', ('frozen', 'train')), ('head_init', ('auto', 'probe', 'keep'))]:
+            if getattr(self, k) not in ok: bad(k, f"is unknown: use one of {ok}.")
+        for k in ('epochs', 'batch_size', 'image_size'):
+            if getattr(self, k) < 1: bad(k, "must be >= 1.")
+        for k in ('min_steps', 'aug_pool', 'save_every', 'keep', 'eval_every', 'num_workers', 'randaugment_ops'):
+            if getattr(self, k) < 0: bad(k, "must be >= 0.")
+        if not self.lr > 0: bad('lr', "must be > 0 (e.g. 3e-4).")
+        if not self.head_lr_mult > 0: bad('head_lr_mult', "must be > 0 (1: the head learns like the backbone).")
+        if self.weight_decay < 0: bad('weight_decay', "must be >= 0.")
+        if not 0.0 <= self.warmup < 1.0: bad('warmup', "must lie in [0, 1): it is a fraction of the run's steps.")
         return self
 
     @property
@@ -193,11 +208,48 @@ def make_scheduler(optimizer: torch.optim.Optimizer, # the optimizer to schedule
     raise SidclipError(f"Unknown schedule {schedule!r}: use 'cosine' or 'constant'.")
 
 # %% ../nbs/10_distill.ipynb #4ce05533
-def _ce(logits, labels):
+def _ce_loss(cfg, s_out, t_out, labels, student) -> dict:
     "Cross-entropy over the labelled items (label >= 0); zero if there are none."
     m = labels >= 0
-    if not m.any(): return logits.sum() * 0.0
-    return F.cross_entropy(logits[m].float(), labels[m])
+    ce = F.cross_entropy(s_out['logits'][m].float(), labels[m]) if m.any() else s_out['logits'].sum() * 0.0
+    return {'loss': ce, 'ce': ce}
+
+def _kd_loss(cfg, s_out, t_out, labels, student) -> dict:
+    "SIDCLIP's Hinton KD (`losses.kd_loss`); unlabelled items (-1) get the KD term only."
+    from sidclip_guide.losses import kd_loss
+    if s_out.get('logits') is None or t_out.get('logits') is None: raise SidclipError("loss='kd' needs class logits from both student and teacher: give both a head.")
+    return kd_loss(s_out['logits'], t_out['logits'], labels, alpha=cfg.alpha, T=cfg.T, ignore_index=-1)
+
+def _feature_pair(s_out, t_out):
+    "The student's vector in the teacher's space (its projection if any) and the teacher's embedding."
+    s_emb = s_out.get('proj') if s_out.get('proj') is not None else s_out['embeds']
+    if s_emb.shape[-1] != t_out['embeds'].shape[-1]:
+        raise SidclipError(f"Student embedding width {s_emb.shape[-1]} != teacher's {t_out['embeds'].shape[-1]}: build the student with proj_dim={t_out['embeds'].shape[-1]}.")
+    return s_emb, t_out['embeds']
+
+def _l2_loss(cfg, s_out, t_out, labels, student) -> dict:
+    "Popp et al.'s L2 between normalised student and teacher embeddings."
+    from sidclip_guide.losses import l2_feature_loss
+    return {'loss': (l := l2_feature_loss(*_feature_pair(s_out, t_out))['loss']), 'l2': l}
+
+def _l2_aux(aux: str):
+    "L2 plus a contrastive term against the student's (frozen) head rows: 'clip' pairs each image with its class text, 'mp' uses all classes."
+    def loss(cfg, s_out, t_out, labels, student) -> dict:
+        from sidclip_guide import losses as L
+        if student is None or getattr(student, 'head', None) is None: raise SidclipError(f"loss={cfg.loss!r} needs a student with a text-initialised head.")
+        m = labels >= 0
+        if not m.any(): raise SidclipError(f"loss={cfg.loss!r} needs labelled images (class names) in every batch.")
+        text = F.normalize(student.head.weight.detach().float(), dim=-1); scale = student.logit_scale   # frozen anchors
+        key = 'proj' if getattr(student, 'head_input', 'embeds') == 'proj' else 'embeds'              # the vector the head classifies
+        emb = F.normalize(s_out[key][m].float(), dim=-1)
+        parts = {'l2': L.l2_feature_loss(*_feature_pair(s_out, t_out)),
+                 'aux': L.clip_loss(emb, text[labels[m]], scale) if aux == 'clip' else L.multi_positive_loss(emb, text, labels[m], scale)}
+        out = L.weighted_sum(parts, {'l2': 1.0, 'aux': cfg.aux_weight})
+        return {'loss': out['loss'], 'l2': out['l2'], 'aux': out['aux']}
+    return loss
+
+LOSSES = {'kd': _kd_loss, 'l2': _l2_loss, 'ce': _ce_loss, 'l2+clip': _l2_aux('clip'), 'l2+mp': _l2_aux('mp')}
+assert tuple(LOSSES) == LOSS_NAMES
 
 def batch_loss(cfg: DistillConfig,   # which loss, α, T, aux weight
                s_out: dict,          # student outputs: logits, embeds, proj
@@ -205,32 +257,9 @@ def batch_loss(cfg: DistillConfig,   # which loss, α, T, aux weight
                labels: torch.Tensor, # (B,) int labels, -1 for unlabelled
                student: nn.Module | None = None, # the (unwrapped) student: its head rows (as fixed anchors), head_input and logit scale
               ) -> dict:
-    "The training loss of one batch as a dict: 'loss' plus named parts."
-    from sidclip_guide import losses as L
-    if cfg.loss == 'ce':
-        ce = _ce(s_out['logits'], labels); return {'loss': ce, 'ce': ce}
-    if cfg.loss == 'kd':
-        if s_out.get('logits') is None or t_out.get('logits') is None: raise SidclipError("loss='kd' needs class logits from both student and teacher: give both a head.")
-        kd = L.kd_loss(s_out['logits'].float(), t_out['logits'].float(), None, alpha=1.0, T=cfg.T)['kd']
-        ce = _ce(s_out['logits'], labels) if cfg.alpha < 1 else kd * 0.0
-        return {'loss': cfg.alpha * kd + (1 - cfg.alpha) * ce, 'kd': kd, 'ce': ce}
-    s_emb = s_out.get('proj') if s_out.get('proj') is not None else s_out['embeds']
-    t_emb = t_out['embeds']
-    if s_emb.shape[-1] != t_emb.shape[-1]:
-        raise SidclipError(f"Student embedding width {s_emb.shape[-1]} != teacher's {t_emb.shape[-1]}: build the student with proj_dim={t_emb.shape[-1]}.")
-    parts = {'l2': L.l2_feature_loss(s_emb.float(), t_emb.float())}
-    if cfg.loss in ('l2+clip', 'l2+mp'):
-        if student is None or getattr(student, 'head', None) is None: raise SidclipError(f"loss={cfg.loss!r} needs a student with a text-initialised head.")
-        m = labels >= 0
-        if not m.any(): raise SidclipError(f"loss={cfg.loss!r} needs labelled images (class names) in every batch.")
-        text = F.normalize(student.head.weight.detach().float(), dim=-1); scale = student.logit_scale   # frozen anchors
-        key = 'proj' if getattr(student, 'head_input', 'embeds') == 'proj' else 'embeds'              # the vector the head classifies
-        emb = F.normalize(s_out[key][m].float(), dim=-1)
-        parts['aux'] = (L.clip_loss(emb, text[labels[m]], scale) if cfg.loss == 'l2+clip'
-                        else L.multi_positive_loss(emb, text, labels[m], scale))
-        out = L.weighted_sum(parts, {'l2': 1.0, 'aux': cfg.aux_weight})
-        return {'loss': out['loss'], 'l2': parts['l2']['loss'], 'aux': parts['aux']['loss']}
-    return {'loss': parts['l2']['loss'], 'l2': parts['l2']['loss']}
+    "The training loss of one batch as a dict: 'loss' plus named parts (a lookup in the `LOSSES` registry)."
+    if cfg.loss not in LOSSES: raise SidclipError(f"loss={cfg.loss!r} is unknown: use one of {tuple(LOSSES)}.")
+    return LOSSES[cfg.loss](cfg, s_out, t_out, labels, student)
 
 # %% ../nbs/10_distill.ipynb #76c3e449
 def flatten_optimizer_state(sd: dict, # `optimizer.state_dict()`
@@ -428,6 +457,7 @@ class TrainResult:
     out_dir: Path | None = None      # run folder, if any
     checkpoint: Path | None = None   # newest checkpoint, if any
     samples_per_s: float = 0.0       # mean training throughput of this call
+    teacher_cache: Any = None        # the teacher-output cache the run used (hits / misses), if any
 
 def _unwrap(m): return m.module if hasattr(m, 'module') else m
 
@@ -473,106 +503,197 @@ def _check_in_sync(acc, model: nn.Module) -> None:
         raise SidclipError(f"Student weights differ across the {acc.num_processes} processes (checksums {allc.tolist()}): a gradient was not "
                            "averaged by DDP, e.g. a parameter used outside the student's forward. Compute every trained term inside forward.")
 
+# %% ../nbs/10_distill.ipynb #c5bb12e4
+def set_train_mode(model: nn.Module, # the student
+                   bn: str = 'frozen', # 'frozen': BatchNorm layers stay in eval mode (pretrained running statistics); 'train': ordinary train mode
+                  ) -> nn.Module:
+    "Train mode for `model`, with its BatchNorm running statistics frozen or not (their affine weights train either way)."
+    model.train()
+    if bn == 'frozen':
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+    return model
+
+# %% ../nbs/10_distill.ipynb #e03616d9
+def param_groups(student: nn.Module, # a `Student` (its `head` gets the larger rate)
+                 lr: float,          # backbone learning rate
+                 head_lr_mult: float = 1.0, # head rate = lr * head_lr_mult
+                ) -> list[dict]:
+    "AdamW parameter groups: the class head apart, at `lr * head_lr_mult`; empty groups are left out."
+    head = getattr(student, 'head', None)
+    hid = {id(p) for p in head.parameters()} if head is not None else set()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in trainable if id(p) not in hid], 'lr': lr, 'name': 'backbone'},
+              {'params': [p for p in trainable if id(p) in hid], 'lr': lr * head_lr_mult, 'name': 'head'}]
+    return [g for g in groups if g['params']]
+
+# %% ../nbs/10_distill.ipynb #08ba12d8
+def step_budget(batches_per_epoch: int, # optimizer steps in one pass over the set
+                epochs: int,            # the configured passes
+                min_steps: int = 0,     # the floor on optimizer steps
+               ) -> tuple[int, int]:
+    "(epochs, total optimizer steps) of a run: `epochs` passes, raised to whole passes until at least `min_steps` steps."
+    if batches_per_epoch < 1: raise SidclipError("The training set gives no batch: add images, or lower batch_size.")
+    epochs = max(epochs, math.ceil(min_steps / batches_per_epoch))
+    return epochs, epochs * batches_per_epoch
+
+# %% ../nbs/10_distill.ipynb #8d393c83
+def probe_head(student: nn.Module,  # a `Student` with a head
+               dataset: Dataset,    # (image, label) items; labels < 0 are left out
+               seed: int = 0,       # seed of the probe's solver and folds
+               batch_size: int = 64, # images per forward pass
+               device=None,         # where the student runs (default: where it is)
+              ) -> dict:
+    "LP-FT's first step: fit a logistic-regression probe on the student's frozen head inputs and write it into the head."
+    from sidclip_guide.evaluate import linear_probe
+    if getattr(student, 'head', None) is None: raise SidclipError("head_init='probe' needs a student with a class head (class_names).")
+    device = device or next(student.parameters()).device
+    was = student.training; student.eval()
+    xs, ys = [], []
+    with torch.no_grad():
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            y = torch.as_tensor(y); keep = y >= 0
+            if not keep.any(): continue
+            h = student.head_features(x[keep].to(device)); xs.append(h.float().cpu()); ys.append(y[keep])
+    student.train(was)
+    if not xs: raise SidclipError("head_init='probe' found no labelled image in the training set: use head_init='keep'.")
+    x, y = torch.cat(xs), torch.cat(ys)
+    C = len(student.class_names)
+    probe = linear_probe(x, y, seed=seed, n_classes=C) if student.cosine_head else linear_probe(x, y, seed=seed, n_classes=C, default_C=1.0)
+    w, b = probe.weight, probe.bias.clamp_min(-30.0)                 # classes without a labelled image: a low but finite bias
+    if student.cosine_head:                                          # cosine head: logits = scale * W·e, so store W / scale (no bias)
+        student.set_head(w / float(student.logit_scale))
+    else:
+        with torch.no_grad(): student.head.weight.copy_(w); student.head.bias.copy_(b)
+    return {'C': probe.C, 'cv_acc': probe.val_acc, 'n': len(y)}
+
+def _probe_set(train_ds: Dataset, image_size: int) -> Dataset:
+    "The labelled items of the training set without augmentation (the eval transform), when the dataset lists its items."
+    from sidclip_guide.data import ImageListDataset, eval_transform
+    items = getattr(train_ds, 'items', None)
+    return ImageListDataset([it for it in items if int(it[1]) >= 0], eval_transform(image_size)) if items else train_ds
+
+# %% ../nbs/10_distill.ipynb #aad320c5
+def _resolve_cache(teacher_cache, teacher, cfg: DistillConfig):
+    "'auto': an in-memory `TeacherCache` of the fields the loss reads, when augmentations repeat (aug_pool > 0); else as given."
+    if not (isinstance(teacher_cache, str) and teacher_cache == 'auto'): return teacher_cache
+    from sidclip_guide.teacher import Teacher, TeacherCache
+    if not cfg.needs_teacher or cfg.aug_pool == 0 or not isinstance(teacher, Teacher): return None
+    return TeacherCache(teacher, fields=('logits',) if cfg.loss == 'kd' else ('embeds',))
+
+def _check_resume_config(old: dict, cfg: DistillConfig, where) -> None:
+    "Raise unless the checkpoint's config equals `cfg` in every field that changes the result."
+    changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items() if k not in _NO_EFFECT and k in old and old[k] != v]
+    if changed:
+        diff = ', '.join(changed)
+        raise SidclipError(f"{where} holds a run with another configuration ({diff}): resume with the same settings, or use a new --out folder.")
+
+# %% ../nbs/10_distill.ipynb #41dd03cf
 def train(student: nn.Module,            # returns dict(logits, embeds, proj) on [0,1] images
           teacher: nn.Module | None,     # frozen, returns dict(logits, embeds); None only for loss='ce'
           train_ds: Dataset,             # (image, label) items, label -1 if unknown
           cfg: DistillConfig,            # the recipe
-          test_ds: Dataset | None = None, # (image, label) items for top-1 each `eval_every` epochs
-          teacher_cache=None,            # optional `TeacherCache` (keyed by item and augmentation seed)
+          test_ds: Dataset | None = None, # (image, label) items for top-1 after the run (and every `eval_every` epochs)
+          teacher_cache='auto',          # 'auto' (in memory when aug_pool > 0), a `TeacherCache`, or None
           resume: bool | str | Path = False, # True: continue from the newest checkpoint in out_dir; or a checkpoint path
-          stop_after: int | None = None, # stop once this many epochs are done (a time-boxed session); the schedule still spans cfg.epochs
+          stop_after: int | None = None, # stop once this many epochs are done (a time-boxed session); the schedule still spans the run
          ) -> TrainResult:
     "Distil `teacher` into `student` on `train_ds` following `cfg`; checkpoints, logs and resumes."
     from tqdm import tqdm
+    # -- checks, before any compute
     cfg.validate()
     if len(train_ds) == 0: raise SidclipError("The distillation set is empty: add real shots or synthetic images.")
     if cfg.needs_teacher and teacher is None: raise SidclipError(f"loss={cfg.loss!r} needs a teacher: pass one, or use loss='ce'.")
     check_class_lists(student, teacher)
-    acc = _accelerator(get_device(cfg.device), cfg.loss.startswith('l2')); dev = acc.device; cuda = dev.type == 'cuda'
-    if cfg.amp == 'fp16' and not cuda: raise SidclipError("amp='fp16' needs CUDA: use amp='bf16' (or 'no') on CPU.")
+    # -- devices and models: the teacher frozen in eval mode, both in channels_last
+    acc = _accelerator(get_device(cfg.device), cfg.loss.startswith('l2')); dev = acc.device
+    if cfg.amp == 'fp16' and dev.type != 'cuda': raise SidclipError("amp='fp16' needs CUDA: use amp='bf16' (or 'no') on CPU.")
     seed_everything(cfg.seed)
     student.to(dev)
     if teacher is not None: teacher.to(dev).eval().requires_grad_(False)
-    if cfg.channels_last and cuda:
-        student.to(memory_format=torch.channels_last)
-        if teacher is not None: teacher.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    student.to(memory_format=fmt)
+    if teacher is not None: teacher.to(memory_format=fmt)
+    # -- data: (index, augmentation seed) batches in an order fixed by (seed, epoch); a trailing batch of one is dropped (BatchNorm)
     data = SeededAugment(train_ds)
-    if teacher_cache is not None:
-        from sidclip_guide.teacher import cache_key
-        ids = item_ids(train_ds)
+    cache = _resolve_cache(teacher_cache, teacher, cfg)
+    ids = item_ids(train_ds) if cache is not None else None
     sampler = EpochSampler(len(data), cfg.seed, shuffle=True, aug_pool=cfg.aug_pool)
-    dl = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                    pin_memory=cuda, persistent_workers=cfg.num_workers > 0)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model, dl = acc.prepare(student, dl)
-    sched = make_scheduler(opt, cfg.schedule, cfg.epochs * len(dl), cfg.warmup)
+    dl = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, pin_memory=dev.type == 'cuda',
+                    persistent_workers=cfg.num_workers > 0, drop_last=len(data) % cfg.batch_size == 1 and len(data) > 1)
+    # -- head: LP-FT starts from a linear probe on the frozen features (skipped when a checkpoint will overwrite it)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     ckdir, log = (out/'checkpoints', out/'metrics.jsonl') if out else (None, None)
-    start, gstep = 0, 0
+    ckpt_path = (Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(ckdir) if ckdir else None) if resume else None
+    if resume is True and ckdir is None: raise SidclipError("resume=True needs cfg.out_dir (where the checkpoints are).")
+    head_init = cfg.head_init if cfg.head_init != 'auto' else ('probe' if cfg.loss in ('kd', 'ce') and getattr(student, 'head_source', 'text') != 'text' else 'keep')
+    probe = probe_head(student, _probe_set(train_ds, cfg.image_size), cfg.seed, device=dev) if head_init == 'probe' and ckpt_path is None else None
+    # -- optimizer and schedule, counted from the batches this loader really yields
+    opt = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, dl = acc.prepare(student, dl)
+    epochs, total = step_budget(len(dl), cfg.epochs, cfg.min_steps)
+    sched = make_scheduler(opt, cfg.schedule, total, round(cfg.warmup * total))
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == 'fp16')   # a no-op unless fp16
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.amp)
-    scaler = torch.amp.GradScaler('cuda') if cfg.amp == 'fp16' else None
-    if resume:
-        p = Path(resume) if isinstance(resume, (str, Path)) else (latest_checkpoint(ckdir) if ckdir else None)
-        if not isinstance(resume, (str, Path)) and ckdir is None: raise SidclipError("resume=True needs cfg.out_dir (where the checkpoints are).")
-        if p is not None:
-            meta = load_checkpoint(p, student, opt, sched, restore_rng=True)
-            start, gstep = meta['epoch'], meta.get('global_step', 0)
-            if scaler is not None and meta.get('scaler'): scaler.load_state_dict(meta['scaler'])   # fp16 loss scale, too
-            old = meta.get('config', {})
-            changed = [k for k in ('loss', 'batch_size', 'seed', 'lr', 'schedule', 'epochs') if k in old and old[k] != getattr(cfg, k)]
-            if changed: acc.print(f"warning: resuming with changed {changed}: the run will not equal an uninterrupted one.")
-            if log and acc.is_main_process and meta.get('metrics') and start not in {r['epoch'] for r in read_jsonl(log)}:
-                append_jsonl(log, meta['metrics'])
-        else: acc.print(f"No checkpoint found in {ckdir}: starting from scratch.")
-    if out and acc.is_main_process: atomic_write_json(out/'config.json', asdict(cfg))
+    save_every = cfg.save_every or max(1, epochs // 10)
+    # -- resume: weights, optimizer, schedule, scaler and every RNG, after checking the settings are the same
+    start, gstep = 0, 0
+    if ckpt_path is not None:
+        _check_resume_config(json.loads(ckpt_path.with_suffix('.json').read_text()).get('config', {}), cfg, ckpt_path.parent)
+        meta = load_checkpoint(ckpt_path, student, opt, sched, restore_rng=True)
+        start, gstep = meta['epoch'], meta.get('global_step', 0)
+        if meta.get('scaler'): scaler.load_state_dict(meta['scaler'])
+        if log and acc.is_main_process and meta.get('metrics') and start not in {r['epoch'] for r in read_jsonl(log)}:
+            append_jsonl(log, meta['metrics'])
+    elif resume: acc.print(f"No checkpoint found in {ckdir}: starting from scratch.")
+    if out and acc.is_main_process: atomic_write_json(out/'config.json', {**asdict(cfg), 'run_epochs': epochs, 'run_steps': total, 'probe': probe})
+    # -- the loop
     history, ckpt, speeds = [], (latest_checkpoint(ckdir) if ckdir else None), []
-    for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
-        dl.set_epoch(epoch); model.train()
-        sums: dict = {}; correct = torch.zeros((), device=dev); nlab = torch.zeros((), device=dev); seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(dl, desc=f'epoch {epoch+1}/{cfg.epochs}', leave=False, disable=not (cfg.progress and acc.is_main_process))
-        for step, (x, y, idx, aug) in enumerate(bar):
-            if len(y) < 2 and len(data) > 1: continue        # a trailing batch of one breaks BatchNorm statistics; skip it
-            if cuda and cfg.channels_last: x = x.contiguous(memory_format=torch.channels_last)
+    stop = min(epochs, stop_after or epochs)
+    for epoch in range(start, stop):
+        dl.set_epoch(epoch); set_train_mode(model, cfg.bn)
+        sums: dict = {}; t0 = time.perf_counter()
+        bar = tqdm(dl, desc=f'epoch {epoch+1}/{epochs}', leave=False, disable=not (cfg.progress and acc.is_main_process))
+        for x, y, idx, aug in bar:
+            x = x.contiguous(memory_format=fmt)
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                keys = [cache_key(ids[i], s) for i, s in zip(idx.tolist(), aug.tolist())] if teacher_cache is not None else None
-                t_out = teacher_outputs(teacher, x, keys, teacher_cache) if cfg.needs_teacher else None
+                keys = [cache_key(ids[i], s) for i, s in zip(idx.tolist(), aug.tolist())] if cache is not None else None
+                t_out = teacher_outputs(teacher, x, keys, cache) if cfg.needs_teacher else None
                 s_out = model(x)
                 parts = batch_loss(cfg, s_out, t_out, y, student)
             opt.zero_grad(set_to_none=True)
-            if scaler is not None: acc.backward(scaler.scale(parts['loss'])); scaler.step(opt); scaler.update()
-            else: acc.backward(parts['loss']); opt.step()
-            sched.step(); gstep += 1; seen += len(y)
-            for k, v in parts.items(): sums[k] = sums.get(k, 0) + v.detach().float() * len(y)
-            if s_out.get('logits') is not None:
-                m = y >= 0; correct += (s_out['logits'].detach().argmax(-1)[m] == y[m]).sum(); nlab += m.sum()
-            if bar.disable is False and step % 10 == 0:
-                bar.set_postfix(loss=f"{parts['loss'].item():.3f}", acc=f"{(correct / nlab.clamp_min(1)).item():.2f}")
+            acc.backward(scaler.scale(parts['loss'])); scaler.step(opt); scaler.update(); sched.step(); gstep += 1
+            # running sums by name: loss parts, labelled-correct, labelled, samples
+            m = y >= 0
+            named = {**{k: v.detach().float() * len(y) for k, v in parts.items()}, 'samples': torch.tensor(float(len(y)), device=dev),
+                     'labelled': m.sum().float(), 'correct': (s_out['logits'].detach().argmax(-1)[m] == y[m]).sum().float()
+                     if s_out.get('logits') is not None else torch.zeros((), device=dev)}
+            for k, v in named.items(): sums[k] = sums.get(k, 0) + v
+            if not bar.disable: bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
         secs = time.perf_counter() - t0
         _check_in_sync(acc, student)
-        keys = sorted(sums)
-        tot = acc.reduce(torch.stack([sums[k] for k in keys] + [correct.float(), nlab.float(), torch.tensor(float(seen), device=dev)]), 'sum')
-        n = tot[-1].item()
-        row = {'epoch': epoch + 1, 'step': gstep, 'lr': sched.get_last_lr()[0],
-               **{k: tot[i].item() / n for i, k in enumerate(keys)},
-               'train_acc': (tot[-3] / tot[-2]).item() if tot[-2] > 0 else None,
-               'test_top1': None, 'samples': int(n), 'samples_per_s': n / secs, 'seconds': secs, 'processes': acc.num_processes}
+        # -- epoch metrics (summed over processes), evaluation, checkpoint, log
+        names = sorted(sums); tot = dict(zip(names, acc.reduce(torch.stack([sums[k] for k in names]), 'sum').tolist()))
+        n = tot.pop('samples'); nlab, corr = tot.pop('labelled'), tot.pop('correct')
+        row = {'epoch': epoch + 1, 'step': gstep, 'lr': sched.get_last_lr()[0], **{k: v / n for k, v in tot.items()},
+               'train_acc': corr / nlab if nlab > 0 else None, 'test_top1': None, 'samples': int(n),
+               'samples_per_s': n / secs, 'seconds': secs, 'processes': acc.num_processes}
         speeds.append(n / secs)
-        last = epoch + 1 == cfg.epochs
+        last, end_of_call = epoch + 1 == epochs, epoch + 1 == stop   # a time-boxed call checkpoints where it stops
         if acc.is_main_process:
-            if test_ds is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
-                row['test_top1'] = evaluate_top1(student, test_ds, cfg.batch_size, dev)
-            if ckdir and ((epoch + 1) % cfg.save_every == 0 or last):
-                ckpt = save_checkpoint(ckdir, epoch + 1, student, opt, sched,
-                                       extra={'global_step': gstep, 'config': asdict(cfg), 'metrics': row,
-                                              'scaler': scaler.state_dict() if scaler else None})
+            if test_ds is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                row['test_top1'] = evaluate_top1(student, test_ds, max(cfg.batch_size, 64), dev)
+            if ckdir and ((epoch + 1) % save_every == 0 or end_of_call):
+                ckpt = save_checkpoint(ckdir, epoch + 1, student, opt, sched, keep=cfg.keep or None,
+                                       extra={'global_step': gstep, 'config': asdict(cfg), 'metrics': row, 'scaler': scaler.state_dict()})
             if log: append_jsonl(log, row); write_metrics_csv(log, out/'metrics.csv')
-            if cfg.progress:
-                tqdm.write(f"epoch {epoch+1}/{cfg.epochs} loss {row['loss']:.4f}" + (f" train_acc {row['train_acc']:.3f}" if row['train_acc'] is not None else '')
+            if cfg.progress and (last or (epoch + 1) % save_every == 0):
+                tqdm.write(f"epoch {epoch+1}/{epochs} loss {row['loss']:.4f}" + (f" train_acc {row['train_acc']:.3f}" if row['train_acc'] is not None else '')
                            + (f" test_top1 {row['test_top1']:.3f}" if row['test_top1'] is not None else '') + f" {row['samples_per_s']:.0f} img/s")
         history.append(row)
         acc.wait_for_everyone()
-    return TrainResult(student, history, out, ckpt, float(np.mean(speeds)) if speeds else 0.0)
+    student.eval()
+    return TrainResult(student, history, out, ckpt, float(np.mean(speeds)) if speeds else 0.0, cache)
 
 # %% ../nbs/10_distill.ipynb #59648dc0
 def _feature_cfg(cfg: DistillConfig | None, what: str) -> DistillConfig:
@@ -584,14 +705,14 @@ def pretrain_feature_distill(student: nn.Module,        # student with `proj` to
                              teacher: nn.Module,        # frozen teacher returning 'embeds'
                              image_folder: str | Path,  # any unlabelled images (searched recursively)
                              cfg: DistillConfig | None = None, # default `DistillConfig.popp()`
-                             transform: Callable | None = None, # default `data.train_transform(cfg.image_size, cfg.randaugment)`
+                             transform: Callable | None = None, # default `data.train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops)`
                              **train_kw,                # passed to `train` (test_ds, teacher_cache, resume, ...)
                             ) -> TrainResult:
     "Stage 1 (Popp et al.): domain-agnostic L2 feature distillation on an unlabelled image folder."
     from sidclip_guide.data import train_transform
     cfg = _feature_cfg(cfg, 'pretrain_feature_distill')
     if cfg.loss != 'l2': raise SidclipError(f"pretrain_feature_distill reads unlabelled images, but loss={cfg.loss!r} needs class labels: use loss='l2'.")
-    ds = UnlabelledImageFolder(image_folder, transform or train_transform(cfg.image_size, cfg.randaugment))
+    ds = UnlabelledImageFolder(image_folder, transform or train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops))
     return train(student, teacher, ds, cfg, **train_kw)
 
 def finetune_feature_distill(student: nn.Module,       # the (pretrained) student
@@ -599,7 +720,7 @@ def finetune_feature_distill(student: nn.Module,       # the (pretrained) studen
                              manifest: str | Path,     # synthesis manifest (or its folder) of the target domain
                              cfg: DistillConfig | None = None, # default `DistillConfig.popp()`
                              class_names: list[str] | None = None, # map rows to labels (needed for 'l2+clip'/'l2+mp'); None: unlabelled
-                             transform: Callable | None = None, # default `data.train_transform(cfg.image_size, cfg.randaugment)`
+                             transform: Callable | None = None, # default `data.train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops)`
                              **train_kw,               # passed to `train`
                             ) -> TrainResult:
     "Stage 2 (Popp et al.): L2 feature distillation on the synthetic images of the target domain."
@@ -614,7 +735,7 @@ def finetune_feature_distill(student: nn.Module,       # the (pretrained) studen
         missing = [str(p) for p, _ in items if not p.exists()]
         if missing: raise SidclipError(f"{len(missing)} file(s) listed in {manifest} are missing (first: {missing[0]}): re-run synthesis to regenerate them.")
     if not items: raise SidclipError(f"{manifest} lists no images: the distillation set would be empty.")
-    return train(student, teacher, ImageListDataset(items, transform or train_transform(cfg.image_size, cfg.randaugment)), cfg, **train_kw)
+    return train(student, teacher, ImageListDataset(items, transform or train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops)), cfg, **train_kw)
 
 # %% ../nbs/10_distill.ipynb #0dba356c
 def make_teacher(bundle,                 # a `models.ClipBundle` (the teacher CLIP)
@@ -635,6 +756,7 @@ def make_student(class_names: list[str],   # classes in label order
                  teacher_dim: int | None = None, # teacher embedding width (projection for 'l2*' losses)
                  category: str = 'object', # category word for the head prompts
                  text_bundle=None,         # for 'l2*' losses: the teacher's `ClipBundle`, whose text embeddings then classify the projection
+                 encoder=None,             # init='none': this `ImageEncoder` as the network (e.g. `student.lite_image_encoder('lite0')`)
                 ) -> nn.Module:
     "The student of a run: text-initialised small CLIP (`init='text'`) or standalone timm (`init='none'`)."
     from sidclip_guide.student import StudentConfig, build_student, timm_student, STUDENT_CLIP
@@ -643,7 +765,8 @@ def make_student(class_names: list[str],   # classes in label order
     if feat and proj is None: raise SidclipError(f"loss={cfg.loss!r} compares embeddings with the teacher's: pass teacher_dim (the teacher's embed_dim).")
     torch.manual_seed(cfg.seed)
     if cfg.init == 'none':   # pretrained: a local weights file is passed on as is (True would go to the hub)
-        return timm_student(timm_name, class_names, pretrained=pretrained or False, proj_dim=proj, image_size=cfg.image_size)
+        return timm_student(timm_name, class_names, pretrained=pretrained or False, proj_dim=proj, image_size=cfg.image_size, encoder=encoder)
+    if encoder is not None: raise SidclipError("make_student(encoder=...) builds the standalone student: use DistillConfig(init='none'), or pass clip_name for a small CLIP.")
     return build_student(StudentConfig(clip_name or STUDENT_CLIP, pretrained, timm_name=timm_name, proj_dim=proj), class_names, category,
                          text_bundle=text_bundle if feat else None)
 
@@ -689,26 +812,32 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--split', help='few-shot split JSON (from save_split); optional with --tiny')
     p.add_argument('--k', type=int, default=None, help="real shots per class (default: the split's k)")
     p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) of synthetic images')
-    p.add_argument('--teacher', default='ViT-L-14', help="teacher CLIP: open_clip name, 'hf-hub:...' or local path (default ViT-L-14)")
-    p.add_argument('--teacher-pretrained', default='openai', help='teacher weights tag or file (default openai)')
+    p.add_argument('--teacher', default='ViT-L-14', help="teacher: open_clip name, 'hf-hub:...', a local CLIP path, or timm:NAME for any timm network (default ViT-L-14)")
+    p.add_argument('--teacher-pretrained', default='openai', help='teacher weights tag or file (default openai); with timm:NAME a local weights file')
+    p.add_argument('--teacher-by-position', action='store_true', help='timm teacher: load a weights file whose tensor names differ by order and shape')
     p.add_argument('--teacher-head-epochs', type=int, default=100, help='steps of the teacher head fit on the shots (0: zero-shot head)')
     p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
     p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
-    p.add_argument('--loss', default=d.loss, choices=LOSSES, help='kd (SIDCLIP), l2 (Popp), ce (no distillation), l2+clip, l2+mp')
+    p.add_argument('--loss', default=d.loss, choices=LOSS_NAMES, help='kd (SIDCLIP), l2 (Popp), ce (no distillation), l2+clip, l2+mp')
     p.add_argument('--alpha', type=float, default=d.alpha, help='KD weight in [0,1]')
     p.add_argument('--T', type=float, default=d.T, help='KD temperature (> 0)')
-    p.add_argument('--epochs', type=int, default=None, help='epochs (default 10; 2 with --tiny)')
-    p.add_argument('--batch-size', type=int, default=None, help='per-process batch size (default 64; 8 with --tiny)')
+    p.add_argument('--epochs', type=int, default=None, help=f'epochs, at least (default {d.epochs}; 2 with --tiny)')
+    p.add_argument('--batch-size', type=int, default=None, help=f'per-process batch size (default {d.batch_size}; 8 with --tiny)')
     p.add_argument('--lr', type=float, default=d.lr, help='peak AdamW learning rate')
     p.add_argument('--weight-decay', type=float, default=d.weight_decay, help='AdamW weight decay')
     p.add_argument('--schedule', default=d.schedule, choices=['cosine', 'constant'], help='LR schedule')
-    p.add_argument('--warmup', type=int, default=0, help='warm-up steps')
+    p.add_argument('--warmup', type=float, default=d.warmup, help='linear warm-up as a fraction of the optimizer steps, in [0, 1)')
+    p.add_argument('--min-steps', type=int, default=d.min_steps, help='at least this many optimizer steps (tiny few-shot sets get more epochs)')
+    p.add_argument('--head-lr-mult', type=float, default=d.head_lr_mult, help='the class head learns this many times faster than the backbone')
+    p.add_argument('--bn', default=d.bn, choices=['frozen', 'train'], help='BatchNorm running statistics: frozen (pretrained) or trained')
+    p.add_argument('--head-init', default=d.head_init, choices=['auto', 'probe', 'keep'], help='probe: LP-FT, head from a linear probe on the shots; keep: as built; auto: probe unless text-initialised')
+    p.add_argument('--randaugment-ops', type=int, default=d.randaugment_ops, help='RandAugment operations per image (SIDCLIP paper: 6)')
     p.add_argument('--no-randaugment', action='store_true', help='crop + flip only (ablation)')
     p.add_argument('--no-synthetic', action='store_true', help='real shots only (ablation)')
     p.add_argument('--init', default='text', choices=['text', 'none'], help="'text': text-initialised small CLIP; 'none': standalone timm")
-    p.add_argument('--teacher-cache', action='store_true', help='cache teacher outputs per (image, augmentation seed) in memory')
-    p.add_argument('--aug-pool', type=int, default=0, help='augmentation draws per image to cycle through (0: fresh each epoch)')
+    p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
+    p.add_argument('--aug-pool', type=int, default=d.aug_pool, help=f'augmentation draws per image to cycle through, so the teacher cache hits (0: fresh each epoch; default {d.aug_pool})')
     p.add_argument('--image-size', type=int, default=None, help='student input size (default 224; 32 with --tiny)')
     p.add_argument('--amp', default='no', choices=['no', 'bf16', 'fp16'], help='mixed precision')
     p.add_argument('--device', default=None, help="'cpu', 'cuda', ... (default: best available)")
@@ -723,12 +852,15 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 def _config_from_args(a) -> DistillConfig:
-    return DistillConfig(loss=a.loss, alpha=a.alpha, T=a.T, epochs=a.epochs or (2 if a.tiny else 10),
-                         batch_size=a.batch_size or (8 if a.tiny else 64), lr=a.lr, weight_decay=a.weight_decay,
-                         schedule=a.schedule, warmup=a.warmup, randaugment=not a.no_randaugment,
-                         aug_pool=a.aug_pool, use_synthetic=not a.no_synthetic,
-                         init=a.init, amp=a.amp, seed=a.seed, num_workers=a.num_workers, out_dir=a.out,
-                         image_size=a.image_size or (32 if a.tiny else 224), device=a.device, progress=not a.quiet).validate()
+    d = DistillConfig()
+    return DistillConfig(loss=a.loss, alpha=a.alpha, T=a.T, epochs=a.epochs if a.epochs is not None else (2 if a.tiny else d.epochs),
+                         min_steps=a.min_steps if not a.tiny or a.min_steps != d.min_steps else 0,
+                         batch_size=a.batch_size if a.batch_size is not None else (8 if a.tiny else d.batch_size), lr=a.lr,
+                         head_lr_mult=a.head_lr_mult, weight_decay=a.weight_decay, schedule=a.schedule, warmup=a.warmup, bn=a.bn,
+                         head_init=a.head_init, randaugment=not a.no_randaugment, randaugment_ops=a.randaugment_ops,
+                         aug_pool=a.aug_pool, use_synthetic=not a.no_synthetic, init=a.init, amp=a.amp, seed=a.seed,
+                         num_workers=a.num_workers, out_dir=a.out, image_size=a.image_size if a.image_size is not None else (32 if a.tiny else d.image_size),
+                         device=a.device, progress=not a.quiet).validate()
 
 def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
                ) -> int:
@@ -744,18 +876,22 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     else: raise SidclipError("sidclip distill needs --split SPLIT.json (or --tiny for an offline smoke run).")
     k = split.k if args.k is None else args.k
     tname, tpre = (TINY_CLIP, None) if args.tiny else (args.teacher, args.teacher_pretrained)
-    tbundle = load_clip(tname, tpre, device=str(get_device(cfg.device)))
-    teacher = make_teacher(tbundle, split, k, args.teacher_head_epochs)
+    if tname.startswith('timm:'):          # any timm network (hub weights, or a local file): its head is the library's probe on the shots
+        from sidclip_guide.models import ImageEncoder
+        from sidclip_guide.teacher import Teacher
+        if k < 1: raise SidclipError("A timm teacher has no zero-shot head: its head is fitted on the shots, so use --k 1 or more.")
+        enc = ImageEncoder.from_timm(tname[5:], pretrained=True if tpre == 'openai' else tpre, by_position=args.teacher_by_position)
+        tbundle, teacher = None, Teacher.from_encoder(enc.to(get_device(cfg.device)), split.class_names, split.shots(k), seed=cfg.seed)
+    else:
+        tbundle = load_clip(tname, tpre, device=str(get_device(cfg.device)))
+        teacher = make_teacher(tbundle, split, k, args.teacher_head_epochs)
     student = make_student(split.class_names, cfg, TINY_STUDENT if args.tiny else args.student, args.student_pretrained,
                            TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
                            teacher.embed_dim, split.category, text_bundle=tbundle)
-    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, train_transform(cfg.image_size, cfg.randaugment))
+    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops))
     test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
-    cache = None
-    if args.teacher_cache:
-        from sidclip_guide.teacher import TeacherCache
-        cache = TeacherCache(teacher)
-    res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=cache, resume=args.resume, stop_after=args.stop_after)
+    res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
+                resume=args.resume, stop_after=args.stop_after)
     if PartialState().is_main_process:
         from safetensors.torch import save
         save_student(res.student, out, dict(clip_name=TINY_STUDENT if args.tiny else (args.student or STUDENT_CLIP),
@@ -763,7 +899,7 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
                      teacher_dim=teacher.embed_dim, category=split.category, init=cfg.init, loss=cfg.loss, image_size=cfg.image_size))
         if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png')
         last = read_metrics(out/'metrics.jsonl')[-1] if (out/'metrics.jsonl').exists() else {}
-        print(f"distill: {len(ds)} training images, epoch {last.get('epoch')}/{cfg.epochs}, loss {last.get('loss', float('nan')):.4f}, "
+        print(f"distill: {len(ds)} training images, epoch {last.get('epoch')}, loss {last.get('loss', float('nan')):.4f}, "
               f"test top-1 {last.get('test_top1')}; student -> {out/'student.safetensors'}")
     return 0
 
@@ -795,7 +931,7 @@ def demo_distill(ctx,               # a `DemoContext` with artifacts 'split', 't
         test_ds = ImageListDataset(split.test_items(), eval_transform(32))
         t_top1 = evaluate_top1(teacher, test_ds)
         ctx.add_row(stage='distill', method='teacher (head fit on shots)', metric='top1', value=round(t_top1, 4))
-        base = DistillConfig(epochs=epochs, batch_size=4, lr=3e-3, image_size=32, device=ctx.device, seed=ctx.seed, progress=False)
+        base = DistillConfig(epochs=epochs, min_steps=0, batch_size=4, lr=3e-3, image_size=32, device=ctx.device, seed=ctx.seed, progress=False)
         timm_name = TINY_STUDENT_CFG['vision_cfg']['timm_model_name']
         ladder = [('ENB0', 'ce', 'none', False), ('+D', 'kd', 'none', False), ('+I+D', 'kd', 'text', False)]
         if manifest is not None: ladder.append(('+S+I+D', 'kd', 'text', True))

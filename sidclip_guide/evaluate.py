@@ -99,8 +99,8 @@ class LinearProbe:
     weight: torch.Tensor   # (C, D) class weights
     bias: torch.Tensor     # (C,) class biases
     C: float               # chosen inverse L2 strength
-    val_acc: float         # validation accuracy of the chosen C (nan when no validation was possible)
-    sweep: dict            # C -> validation accuracy
+    val_acc: float         # score of the chosen C: accuracy on the given val set, or mean held-out log-likelihood of the CV; nan with 1 shot
+    sweep: dict            # C -> that score
 
     def predict_logits(self, x: torch.Tensor, # (N, D) features (same normalisation as in training)
                       ) -> torch.Tensor:
@@ -129,6 +129,18 @@ def _sweep(xt, yt, xv, yv, Cs: Sequence[float], max_iter: int, seed: int) -> dic
         out[C] = float((clf.predict(xv) == yv).mean())
     return out
 
+def _cv_sweep(x, y, Cs: Sequence[float], max_iter: int, seed: int, folds: int) -> dict:
+    "Mean held-out log-likelihood for each C over stratified folds of the training samples (few shots: every shot validates once)."
+    from sklearn.model_selection import StratifiedKFold
+    scores = {float(C): [] for C in Cs}
+    for tr, va in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        clf = None
+        for C in sorted(scores):                                  # warm-started from the stronger regularisation
+            clf = _fit_lr(x[tr], y[tr], C, max_iter, seed, clf)
+            p = clf.predict_proba(x[va])[np.arange(len(va)), np.searchsorted(clf.classes_, y[va])]
+            scores[C].append(float(np.log(np.clip(p, 1e-12, 1)).mean()))
+    return {C: float(np.mean(v)) for C, v in scores.items()}
+
 def _to_probe(clf, n_classes: int, C: float, val_acc: float, sweep: dict) -> LinearProbe:
     "Full (n_classes, D) weights from a fitted classifier (binary -> ±w/2; absent classes -> -1e4 bias)."
     coef, icpt = np.asarray(clf.coef_, np.float32), np.asarray(clf.intercept_, np.float32)
@@ -145,18 +157,19 @@ def linear_probe(train_x: torch.Tensor,            # (N, D) training features
                  max_iter: int = 1000,             # L-BFGS iterations
                  seed: int = 0,                    # seed of the held-out split and the solver
                  n_classes: int | None = None,     # number of classes (default: max label + 1)
-                 default_C: float = 1.0,           # C used when no validation is possible
+                 default_C: float = 10.0,          # C when no validation is possible (1 shot per class); measured on CUB, see above
                  blas_threads: int | None = -1,    # BLAS threads during the fits (-1: 1 for small problems, else no limit)
                  refit_on_val: bool = False,       # refit the chosen C on train + the given val (CLIP full-data); False: train only (few-shot)
+                 cv_folds: int = 5,                # without val: stratified folds over the training samples (at most the shots per class)
                 ) -> LinearProbe:
-    "Logistic-regression probe with C chosen on validation, refit on the training features (CLIP/CoOp protocol)."
+    "Logistic-regression probe with C chosen on validation (or by cross-validation over the shots), refit on the training features."
     from threadpoolctl import threadpool_limits
     n = np.asarray(train_x).size
     limit = (1 if n < 2**22 else None) if blas_threads == -1 else blas_threads
     with threadpool_limits(limits=limit, user_api='blas'):
-        return _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes, default_C, refit_on_val)
+        return _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes, default_C, refit_on_val, cv_folds)
 
-def _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes, default_C, refit_on_val) -> LinearProbe:
+def _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes, default_C, refit_on_val, cv_folds) -> LinearProbe:
     "`linear_probe` without the BLAS thread limit."
     x, y = np.asarray(train_x, np.float32), np.asarray(train_y).astype(int)
     if x.ndim != 2 or len(x) != len(y) or len(x) == 0:
@@ -167,20 +180,14 @@ def _linear_probe(train_x, train_y, val_x, val_y, Cs, max_iter, seed, n_classes,
     if len(Cs) == 1: return _to_probe(_fit_lr(x, y, Cs[0], max_iter, seed), n_classes, Cs[0], math.nan, {})
     if val_x is None:
         counts = np.bincount(y)
-        if counts[counts > 0].min() >= 2:
-            from sklearn.model_selection import train_test_split
-            n_cls = int((counts > 0).sum())
-            tr_i, va_i = train_test_split(np.arange(len(y)), test_size=max(n_cls, round(0.2 * len(y))), stratify=y, random_state=seed)
-            xt, yt, xv, yv = x[tr_i], y[tr_i], x[va_i], y[va_i]
-        else:
-            warnings.warn(f"linear_probe: too few samples per class to hold out a validation set; using C={default_C}.")
+        if counts[counts > 0].min() < 2:   # one shot per class: nothing to validate on; the default C is the measured choice
             return _to_probe(_fit_lr(x, y, default_C, max_iter, seed), n_classes, default_C, math.nan, {})
-    else: xt, yt, xv, yv = x, y, np.asarray(val_x, np.float32), np.asarray(val_y).astype(int)
-    sweep = _sweep(xt, yt, xv, yv, Cs, max_iter, seed)
+        sweep = _cv_sweep(x, y, Cs, max_iter, seed, int(min(counts[counts > 0].min(), cv_folds)))
+    else: sweep = _sweep(x, y, np.asarray(val_x, np.float32), np.asarray(val_y).astype(int), Cs, max_iter, seed)
     best = max(sweep.values())
     tied = [C for C, a in sweep.items() if a == best]
     C = tied[len(tied) // 2]
-    xa, ya = (np.concatenate([x, xv]), np.concatenate([y, yv])) if val_x is not None and refit_on_val else (x, y)
+    xa, ya = (np.concatenate([x, np.asarray(val_x, np.float32)]), np.concatenate([y, np.asarray(val_y).astype(int)])) if val_x is not None and refit_on_val else (x, y)
     return _to_probe(_fit_lr(xa, ya, C, max_iter, seed), n_classes, C, best, sweep)
 
 # %% ../nbs/03_evaluate.ipynb #989082e0

@@ -29,6 +29,7 @@ def kd_loss(student_logits: torch.Tensor,        # (B, C) raw student logits
             labels: torch.Tensor | None = None,  # (B,) int labels; None only with alpha=1 (pure distillation)
             alpha: float = 0.5,                  # weight of the KD term in [0, 1]; 1 - alpha weighs the label CE
             T: float = 4.0,                      # softmax temperature (> 0) for both distributions
+            ignore_index: int = -1,              # label of unlabelled items (synthetic images without a class): KD only, no CE
            ) -> dict:
     "Hinton KD: `alpha*T^2*KL(teacher_T || student_T) + (1-alpha)*CE(student, labels)`; returns loss, kd, ce."
     _check_alpha_T(alpha, T)
@@ -42,8 +43,9 @@ def kd_loss(student_logits: torch.Tensor,        # (B, C) raw student logits
         if alpha != 1:
             raise SidclipError(f"kd_loss got labels=None with alpha={alpha}: pass labels, or alpha=1.0 for pure distillation.")
         ce = kd.new_zeros(())
-    else:
-        ce = F.cross_entropy(student_logits.float(), labels)
+    elif (labels != ignore_index).any():    # mean CE over the labelled items only
+        ce = F.cross_entropy(student_logits.float(), labels, ignore_index=ignore_index)
+    else: ce = kd.new_zeros(())             # a batch of unlabelled items: CE contributes nothing
     return {'loss': alpha * kd + (1 - alpha) * ce, 'kd': kd, 'ce': ce}
 
 # %% ../nbs/09_losses.ipynb #3a0f6a91

@@ -18,7 +18,7 @@ from .utils import SidclipError
 
 # %% auto #0
 __all__ = ['TINY_CLIP', 'TINY_CLIP_CFG', 'register_clip_config', 'ClipBundle', 'is_offline', 'hub_offline', 'check_clip_name',
-           'load_clip', 'encode_texts', 'ImageEncoder', 'encode_images']
+           'load_clip', 'encode_texts', 'read_state_dict', 'load_weights_file', 'ImageEncoder', 'encode_images']
 
 # %% ../nbs/02_models.ipynb #4428cdc4
 _CONFIG_DIR = None
@@ -177,6 +177,46 @@ def encode_texts(bundle: ClipBundle,      # a loaded CLIP
     return F.normalize(emb, dim=-1) if normalize else emb
 
 # %% ../nbs/02_models.ipynb #cd3c82cc
+_HEAD_KEYS = ('classifier.', 'fc.', 'head.', 'head.fc.', '_fc.')   # classifier tensors a features-only model does not have
+
+def read_state_dict(path: str | Path, # .safetensors, or a torch .pth/.pt/.bin/.ckpt (read with weights_only=True: no pickled code)
+                   ) -> dict:
+    "The tensors of a weights file, unwrapped from the common checkpoint layouts (timm/`state_dict`/`model`, DDP `module.`)."
+    path = Path(path)
+    if not path.is_file(): raise SidclipError(f"Weights file {path} does not exist: pass the path of a .safetensors or .pth file.")
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file; sd = load_file(str(path))
+        else: sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e: raise SidclipError(f"Cannot read weights file {path} ({type(e).__name__}: {str(e)[:200]}): is it complete?") from None
+    for key in ('state_dict_ema', 'state_dict', 'model', 'module'):       # timm / lightning / DeiT checkpoint layouts
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict): sd = sd[key]; break
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise SidclipError(f"{path} holds no state dict of tensors: pass a weights file (model.state_dict()).")
+    return {(k[7:] if k.startswith('module.') else k): v for k, v in sd.items()}
+
+def load_weights_file(model: nn.Module,          # the freshly built module to load into
+                      path: str | Path,          # its weights file
+                      by_position: bool = False, # names differ but order and shapes match (e.g. lukemelas -> timm): opt-in
+                      what: str = '',            # what it is, for the message
+                     ) -> nn.Module:
+    "Load a weights file into `model` strictly: any missing, unexpected or mis-shaped tensor is an error, never a random network."
+    from sidclip_guide.student import load_state_strict
+    sd, own = read_state_dict(path), model.state_dict()
+    if not any(k.startswith(_HEAD_KEYS) for k in own):                    # features-only model: drop the file's classifier
+        sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_KEYS)}
+    if by_position:
+        if len(sd) != len(own) or any(a.shape != b.shape for a, b in zip(sd.values(), own.values())):
+            bad = next(((ka, kb) for (ka, a), (kb, b) in zip(sd.items(), own.items()) if a.shape != b.shape), None)
+            raise SidclipError(f"{what or path}: {len(sd)} tensors vs the model's {len(own)}" + (f", first shape mismatch {bad[0]} vs {bad[1]}" if bad else '')
+                               + ": loading by position needs the same order and shapes (same architecture).")
+        sd = dict(zip(own, sd.values()))
+    try: return load_state_strict(model, sd, what or str(path))
+    except SidclipError as e:
+        if by_position: raise
+        raise SidclipError(f"{e} If only the tensor names differ (same architecture), load by position: by_position=True.") from None
+
+# %% ../nbs/02_models.ipynb #76012be5
 class ImageEncoder(nn.Module):
     "Images in [0,1] RGB (B,3,H,W) -> features (B, embed_dim); resizing and normalisation happen inside."
     def __init__(self, backbone: nn.Module,            # maps normalised (B,3,S,S) images to (B, embed_dim)
@@ -219,26 +259,24 @@ class ImageEncoder(nn.Module):
 
     @classmethod
     def from_timm(cls, name: str,                        # any timm model name, e.g. 'efficientnet_b0'
-                  pretrained: bool | str = False,        # False, True (hub weights) or a local weights file
+                  pretrained: bool | str = False,        # False, True (hub weights) or a local weights file (.safetensors/.pth/.bin)
                   image_size: int | None = None,         # override the model's default input size
                   resize: bool = True,                   # resize inputs of another size to `image_size`
+                  by_position: bool = False,             # a local file whose tensor names differ: load by order and shape (opt-in)
                   **kwargs,                              # passed to `timm.create_model`
                  ) -> 'ImageEncoder':
-        "Wrap a timm model as a pooled-feature extractor (classifier removed)."
+        "Wrap a timm model as a pooled-feature extractor (classifier removed); a local weights file must fit exactly."
         import timm
         if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
             close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
             raise SidclipError(f"Unknown timm model {name!r}. Close matches: {close or 'none'} (see timm.list_models()).")
-        kw = dict(num_classes=0, **kwargs)
-        if isinstance(pretrained, (str, Path)):
-            if not Path(pretrained).is_file(): raise SidclipError(f"Weights file {pretrained!r} for timm {name!r} does not exist.")
-            kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)))
-        else: kw['pretrained'] = bool(pretrained)
+        local = isinstance(pretrained, (str, Path))
         try:
-            with hub_offline(is_offline(None)): m = timm.create_model(name, **kw)
+            with hub_offline(is_offline(None)): m = timm.create_model(name, pretrained=bool(pretrained) and not local, num_classes=0, **kwargs)
         except (RuntimeError, OSError) as e:
             raise SidclipError(f"Could not load timm {name!r} weights ({str(e).splitlines()[0][:300]}). Offline? Download them where there "
                                f"is network and pass pretrained='/path/to/model.safetensors', or pretrained=False.") from None
+        if local: load_weights_file(m, pretrained, by_position=by_position, what=f"timm {name!r} weights {pretrained}")
         cfg = timm.data.resolve_data_config({}, model=m)
         return cls(m, m.num_features, image_size or cfg['input_size'][-1], cfg['mean'], cfg['std'], resize, name=f'timm:{name}')
 

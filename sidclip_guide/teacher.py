@@ -94,6 +94,25 @@ def _from_probe(cls, encoder: ImageEncoder,  # the frozen image tower the probe'
                lin.bias.detach().float() if lin.bias is not None else None)
 Teacher.from_probe = _from_probe
 
+# %% ../nbs/08_teacher.ipynb #8676a375
+@classmethod
+def _from_encoder(cls, encoder: ImageEncoder,     # any frozen image encoder (`ImageEncoder.from_timm`, `lite_image_encoder('lite2')`, a CLIP tower)
+                  class_names: Sequence[str],     # classes in label order
+                  items: Sequence,                # (path, label) labelled images, e.g. `split.shots(k)`
+                  seed: int = 0,                  # seed of the probe's solver and folds
+                  batch_size: int = 64,           # images per forward pass
+                  device: str | torch.device | None = None, # where to run the encoder (default: where it is)
+                 ) -> Teacher:
+    "A teacher from any image encoder: its head is the library's linear probe on the normalised features of `items` (C by cross-validation over the shots)."
+    from sidclip_guide.data import ImageListDataset, eval_transform
+    from sidclip_guide.evaluate import extract_features, linear_probe
+    if not items: raise SidclipError("Teacher.from_encoder needs labelled images (e.g. split.shots(k)) to fit its head.")
+    dev = device or next(encoder.parameters()).device
+    x, y = extract_features(encoder, ImageListDataset(list(items), eval_transform(encoder.image_size)), batch_size, dev, progress=False)
+    probe = linear_probe(x, y, seed=seed, n_classes=len(class_names))
+    return cls.from_probe(encoder, probe, class_names).to(dev)
+Teacher.from_encoder = _from_encoder
+
 # %% ../nbs/08_teacher.ipynb #f392c953
 def _as_batches(images_or_loader, labels, batch_size: int):
     "Yield (images, labels) batches from a tensor + labels, a Dataset of (img, label), or an iterable of batches."

