@@ -954,7 +954,7 @@ def demo_distill(ctx,               # a `DemoContext` with artifacts 'split', 't
 |---|---|---|---|---|---|
 {rows}
 
-`ENB0` is the standalone timm network trained with CE on the shots; `+D` adds Hinton KD (α = 0.5, T = 4); `+I` initialises the head from text embeddings of "A photo of {{class}}."; `+S` adds the synthetic images. Curves of the last run: `distill_metrics.png`.""")
+`ENB0` is the standalone timm network trained with CE on the shots; `+D` adds Hinton KD (α = {base.alpha}, T = {base.T}, the library's defaults); `+I` initialises the head from text embeddings of "A photo of {{class}}."; `+S` adds the synthetic images. Curves of the last run: `distill_metrics.png`.""")
 
 # %% ../nbs/10_distill.ipynb #29b522e3
 if __name__ == '__main__' and Path(globals().get('__file__', '')).stem == 'distill':
