@@ -565,7 +565,7 @@ def probe_head(student: nn.Module,  # a `Student` with a head
         student.set_head(w / float(student.logit_scale))
     else:
         with torch.no_grad(): student.head.weight.copy_(w); student.head.bias.copy_(b)
-    return {'C': probe.C, 'cv_acc': probe.val_acc, 'n': len(y)}
+    return {'C': probe.C, 'cv_score': probe.val_acc, 'n': len(y)}   # cv_score: mean held-out log-likelihood (nan at 1 shot)
 
 def _probe_set(train_ds: Dataset, image_size: int) -> Dataset:
     "The labelled items of the training set without augmentation (the eval transform), when the dataset lists its items."
