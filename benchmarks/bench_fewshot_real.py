@@ -39,7 +39,7 @@ from sidclip_guide.data import DatasetInfo, load_dataset, make_fewshot_split, Im
 from sidclip_guide.evaluate import extract_features, linear_probe
 from sidclip_guide.student import lite_image_encoder, timm_student
 from sidclip_guide.teacher import Teacher
-from sidclip_guide.distill import DistillConfig, train, build_distill_dataset, evaluate_top1, step_budget
+from sidclip_guide.distill import DistillConfig, train, build_distill_dataset, evaluate_top1, epoch_batches, step_budget
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -118,9 +118,9 @@ def run_cell(args, pool, test, feats, k: int, seed: int, variants: list) -> list
     row('frozen probe', _top1(sp.predict_logits(ste), test_y), secs=time.time() - t0, C=sp.C)
     test_ds = ImageListDataset(test_items, eval_transform(args.image_size))
     base = DistillConfig(image_size=args.image_size, seed=seed, device='cpu', progress=False)
-    n_batches = math.ceil(len(shots) / base.batch_size) - (1 if len(shots) % base.batch_size == 1 and len(shots) > 1 else 0)
+    n_batches, dropped = epoch_batches(len(shots), base.batch_size)   # train's own rule for the batches of one pass
     epochs, steps = step_budget(n_batches, base.epochs, base.min_steps)
-    budget = epochs * (len(shots) - (1 if len(shots) % base.batch_size == 1 and len(shots) > 1 else 0))
+    budget = epochs * (len(shots) - dropped)
     def lib(method, cfg):
         st = timm_student(class_names=names, encoder=lite_image_encoder('lite0', args.image_size))
         ds = build_distill_dataset(split, k, transform=train_transform(args.image_size, cfg.randaugment, cfg.randaugment_ops))
@@ -186,7 +186,8 @@ def main(argv=None):
     print(f"features: {time.time() - t_start:.0f} s", flush=True)
     # cells run seed by seed (every k of seed 1 first), and each finished cell is saved: a rerun of the same command continues
     out = Path(a.out) if a.out else None
-    rows = json.loads(out.read_text())['rows'] if out and out.exists() else []
+    prior = json.loads(out.read_text()) if out and out.exists() else {'rows': [], 'meta': {}}
+    rows, t_start = prior['rows'], t_start - prior['meta'].get('wall_s', 0)   # a resumed run's wall time adds to the earlier ones'
     done = {(r['k'], r['seed']) for r in rows}
     for seed in a.seeds:
         for k in a.shots:

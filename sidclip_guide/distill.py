@@ -25,7 +25,7 @@ __all__ = ['LOSS_NAMES', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FIL
            'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state',
            'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'load_checkpoint', 'evaluate_top1',
            'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids',
-           'teacher_outputs', 'set_train_mode', 'param_groups', 'step_budget', 'probe_head', 'train',
+           'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches', 'step_budget', 'probe_head', 'train',
            'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher', 'make_student', 'save_student',
            'load_student', 'add_distill_parser', 'run_distill', 'distill_main', 'demo_distill']
 
@@ -527,6 +527,14 @@ def param_groups(student: nn.Module, # a `Student` (its `head` gets the larger r
               {'params': [p for p in trainable if id(p) in hid], 'lr': lr * head_lr_mult, 'name': 'head'}]
     return [g for g in groups if g['params']]
 
+# %% ../nbs/10_distill.ipynb #d967c09d
+def epoch_batches(n_items: int,    # images in the training set
+                  batch_size: int, # images per optimizer step
+                 ) -> tuple[int, bool]:
+    "(batches in one pass, drop_last): a trailing batch of a single image is dropped, since BatchNorm cannot train on one."
+    drop = n_items % batch_size == 1 and n_items > 1
+    return math.ceil(n_items / batch_size) - drop, drop
+
 # %% ../nbs/10_distill.ipynb #08ba12d8
 def step_budget(batches_per_epoch: int, # optimizer steps in one pass over the set
                 epochs: int,            # the configured passes
@@ -620,7 +628,7 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     ids = item_ids(train_ds) if cache is not None else None
     sampler = EpochSampler(len(data), cfg.seed, shuffle=True, aug_pool=cfg.aug_pool)
     dl = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, pin_memory=dev.type == 'cuda',
-                    persistent_workers=cfg.num_workers > 0, drop_last=len(data) % cfg.batch_size == 1 and len(data) > 1)
+                    persistent_workers=cfg.num_workers > 0, drop_last=epoch_batches(len(data), cfg.batch_size)[1])
     # -- head: LP-FT starts from a linear probe on the frozen features (skipped when a checkpoint will overwrite it)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     ckdir, log = (out/'checkpoints', out/'metrics.jsonl') if out else (None, None)
