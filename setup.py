@@ -18,7 +18,8 @@ statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Produ
 py_versions = '3.9 3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
-dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+deploy_requirements = shlex.split(cfg.get('deploy_requirements', ''))   # `sidclip export` / `sidclip predict`
+dev_requirements = shlex.split(cfg.get('dev_requirements', '')) + deploy_requirements
 lic = licenses[cfg['license'].lower()]
 min_python = cfg['min_python']
 console_scripts = cfg.get('console_scripts', '').split()
@@ -35,7 +36,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'deploy': deploy_requirements},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

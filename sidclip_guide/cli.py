@@ -4,21 +4,24 @@
 
 # %% ../nbs/90_cli.ipynb #cec79c96
 from __future__ import annotations
-import sys, time, argparse, importlib
+import sys, time, argparse, importlib, dataclasses, typing
 from pathlib import Path
 
 from . import __version__
 from .utils import SidclipError, DemoContext, atomic_write_text, get_device
 
 # %% auto #0
-__all__ = ['STAGE_PARSERS', 'DEMO_STAGES', 'WIRING_NOTE', 'write_report', 'run_demo', 'add_demo_parser', 'build_parser', 'main']
+__all__ = ['STAGE_PARSERS', 'DEMO_STAGES', 'WIRING_NOTE', 'write_report', 'run_demo', 'config_arguments', 'config_from_args',
+           'add_export_parser', 'add_predict_parser', 'add_demo_parser', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #36f6428f
 STAGE_PARSERS = [  # (command, module, parser function, one-line help for `sidclip --help`)
     ('eval', 'sidclip_guide.evaluate', 'add_eval_parser', 'zero-shot / linear-probe accuracy of a CLIP on a few-shot split'),
     ('synth', 'sidclip_guide.generate', 'add_synth_parser', 'generate the synthetic training set (resumable, shardable)'),
     ('distill', 'sidclip_guide.distill', 'add_distill_parser', 'distil a CLIP teacher into a small student (SIDCLIP KD or feature distillation)'),
-    ('probe', 'sidclip_guide.probes', 'add_probe_parser', 'probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues')]
+    ('probe', 'sidclip_guide.probes', 'add_probe_parser', 'probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues'),
+    ('export', 'sidclip_guide.cli', 'add_export_parser', 'export a trained student to ONNX (parity-checked on real photos; optional int8) or torch.export'),
+    ('predict', 'sidclip_guide.cli', 'add_predict_parser', 'classify images with an exported student (.onnx: no torch needed) or a run folder')]
 
 DEMO_STAGES = [('evaluate', 'sidclip_guide.evaluate', 'demo_eval'),    # split + zero-shot + linear probe
                ('synthesize', 'sidclip_guide.generate', 'demo_synth'), # mixed-embedding and prompt synthesis
@@ -80,6 +83,81 @@ def _demo_cmd(args: argparse.Namespace) -> int:
     "Run `sidclip demo` from parsed arguments."
     run_demo(args.out, args.device, args.seed, [s.strip() for s in args.stages.split(',') if s.strip()])
     return 0
+
+# %% ../nbs/90_cli.ipynb #5abfb9eb
+def config_arguments(parser: argparse.ArgumentParser, # the subcommand's parser
+                     cls,                              # a settings dataclass
+                     skip: typing.Collection[str] = (), # fields the command sets itself
+                    ) -> None:
+    "Add one `--field-name` flag per field of `cls`: help from the field's comment, default from the field; bools get `--x/--no-x`."
+    from fastcore.docments import docments
+    docs, hints = docments(cls, full=True), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip: continue
+        flag, doc = '--' + f.name.replace('_', '-'), docs[f.name]['docment'] or f.name
+        if hints[f.name] is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
+        else: parser.add_argument(flag, type=hints[f.name], default=f.default, metavar=f.name.upper(), help=f'{doc} (default: {f.default})')
+
+def config_from_args(cls, args: argparse.Namespace):
+    "The dataclass `cls` from the flags `config_arguments` added (its `__post_init__` validates them)."
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+# %% ../nbs/90_cli.ipynb #ae501069
+def add_export_parser(sub) -> argparse.ArgumentParser:
+    "Add `sidclip export`: a run's student to ONNX (optional int8) or torch.export, checked against PyTorch."
+    from sidclip_guide.deploy import ExportConfig
+    p = sub.add_parser('export', help='export a trained student to ONNX (parity-checked on real photos; optional int8) or torch.export',
+                       description='Export the student of a `sidclip distill` run as one file with its class names and preprocessing inside '
+                                   '(ONNX for ONNX Runtime, or a torch.export .pt2). The export is checked against PyTorch on real photos of the '
+                                   'run (max |Δ logit| and top-1 agreement) and refused if it differs; --int8 also writes a static int8 ONNX '
+                                   'model and reports its top-1 change on the run\'s test photos. Results go to RUN/export/export.json.')
+    p.add_argument('run', help='a `sidclip distill` run folder (student.safetensors, student.json, split.json)')
+    config_arguments(p, ExportConfig)
+    p.add_argument('--out', default=None, help='folder for the exported files (default: RUN/export)')
+    p.add_argument('--images', default=None, help='folder of real photos of the task to check the export on (runs without split.json)')
+    p.set_defaults(func=_export_cmd)
+    return p
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip export` from parsed arguments."
+    from sidclip_guide.deploy import ExportConfig, export_run
+    rep = export_run(args.run, config_from_args(ExportConfig, args), args.out, args.images, log=print)
+    print(f"export: {rep['file']}" + (f" and {rep['int8']['file']}" if 'int8' in rep else '') + f"; report {Path(rep['file']).parent/'export.json'}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #6df3011b
+def add_predict_parser(sub) -> argparse.ArgumentParser:
+    "Add `sidclip predict`: top-k classes of image files and folders (torch-free with an .onnx model)."
+    from sidclip_guide.serve import PREDICTION_FORMATS
+    p = sub.add_parser('predict', help='classify images with an exported student (.onnx: no torch needed) or a run folder',
+                       description='Print (or write) the top-k classes and probabilities of each image. MODEL is a .onnx file from '
+                                   '`sidclip export` (runs with numpy, Pillow and onnxruntime only), a folder holding one, or a `sidclip '
+                                   'distill` run folder (needs torch). Unreadable images are named on stderr, the rest are classified, '
+                                   'and the exit code is then 1.')
+    p.add_argument('model', help='.onnx file, export folder, or run folder')
+    p.add_argument('images', nargs='+', help='image files and folders (searched recursively)')
+    p.add_argument('--top', type=int, default=5, help='classes per image (default: 5)')
+    p.add_argument('--format', default='table', choices=sorted(PREDICTION_FORMATS), help='table (default), csv (one line per image and rank) or json')
+    p.add_argument('--out', default=None, help='write the predictions to this file (atomically) instead of stdout')
+    p.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default: 32)')
+    p.add_argument('--threads', type=int, default=None, help="CPU threads (default: the runtime's choice)")
+    p.set_defaults(func=_predict_cmd)
+    return p
+
+def _predict_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip predict` from parsed arguments; 1 when some images could not be read."
+    from sidclip_guide.serve import load_classifier, list_images, predict, format_predictions
+    if args.top < 1 or args.batch_size < 1: raise SidclipError(f"--top {args.top} and --batch-size {args.batch_size} must be at least 1.")
+    paths = list_images(args.images)
+    if not paths: raise SidclipError(f"No images in {' '.join(args.images)}: pass image files, or folders holding {', '.join(('.jpg', '.png'))} ... files.")
+    rows = predict(load_classifier(args.model, args.threads), paths, args.top, args.batch_size)
+    text = format_predictions(rows, args.format)
+    if args.out: atomic_write_text(args.out, text)
+    else: sys.stdout.write(text)
+    bad = [r['error'] for r in rows if r['error']]
+    for e in bad: print(f'sidclip predict: error: {e}', file=sys.stderr)
+    if bad: print(f'sidclip predict: {len(bad)} of {len(rows)} images could not be read; the others were classified.', file=sys.stderr)
+    return 1 if bad else 0
 
 # %% ../nbs/90_cli.ipynb #32d66f9d
 def add_demo_parser(sub) -> argparse.ArgumentParser:

@@ -773,10 +773,14 @@ def make_student(class_names: list[str],   # classes in label order
     if feat and proj is None: raise SidclipError(f"loss={cfg.loss!r} compares embeddings with the teacher's: pass teacher_dim (the teacher's embed_dim).")
     torch.manual_seed(cfg.seed)
     if cfg.init == 'none':   # pretrained: a local weights file is passed on as is (True would go to the hub)
-        return timm_student(timm_name, class_names, pretrained=pretrained or False, proj_dim=proj, image_size=cfg.image_size, encoder=encoder)
-    if encoder is not None: raise SidclipError("make_student(encoder=...) builds the standalone student: use DistillConfig(init='none'), or pass clip_name for a small CLIP.")
-    return build_student(StudentConfig(clip_name or STUDENT_CLIP, pretrained, timm_name=timm_name, proj_dim=proj), class_names, category,
-                         text_bundle=text_bundle if feat else None)
+        st = timm_student(timm_name, class_names, pretrained=pretrained or False, proj_dim=proj, image_size=cfg.image_size, encoder=encoder)
+    elif encoder is not None: raise SidclipError("make_student(encoder=...) builds the standalone student: use DistillConfig(init='none'), or pass clip_name for a small CLIP.")
+    else: st = build_student(StudentConfig(clip_name or STUDENT_CLIP, pretrained, timm_name=timm_name, proj_dim=proj), class_names, category,
+                             text_bundle=text_bundle if feat else None)
+    if encoder is None:      # what `save_student`/`Student.save_pretrained` write so that `load_student` rebuilds it
+        st.spec = dict(clip_name=clip_name or STUDENT_CLIP, timm_name=timm_name, teacher_dim=teacher_dim, category=category,
+                       init=cfg.init, loss=cfg.loss, image_size=cfg.image_size)
+    return st
 
 # %% ../nbs/10_distill.ipynb #e840091f
 STUDENT_FILES = ('student.safetensors', 'student.json')
@@ -808,6 +812,7 @@ def load_student(run_dir: str | Path,           # a `sidclip distill` run folder
     if spec.get('head_input') == 'proj' and getattr(st, 'head_input', 'embeds') != 'proj':   # head on the projection (teacher's texts)
         st.head_input, st.head = 'proj', nn.Linear(spec['teacher_dim'], len(spec['class_names']), bias=False)
     load_state_strict(st, load_file(str(run_dir/STUDENT_FILES[0])), what=f'student weights in {run_dir}')
+    st.spec = {k: spec[k] for k in ('clip_name', 'timm_name', 'teacher_dim', 'category', 'init', 'loss', 'image_size')}
     return st.to(device).eval()
 
 # %% ../nbs/10_distill.ipynb #e1a96b61
@@ -877,7 +882,7 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     from accelerate import PartialState
     from sidclip_guide.models import load_clip, TINY_CLIP
     from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG, STUDENT_CLIP
-    from sidclip_guide.data import load_split, make_toy_dataset, make_fewshot_split, train_transform, eval_transform, ImageListDataset
+    from sidclip_guide.data import load_split, save_split, make_toy_dataset, make_fewshot_split, train_transform, eval_transform, ImageListDataset
     cfg = _config_from_args(args); out = Path(args.out)
     if args.split: split = load_split(args.split)
     elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=args.seed)
@@ -902,9 +907,8 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
                 resume=args.resume, stop_after=args.stop_after)
     if PartialState().is_main_process:
         from safetensors.torch import save
-        save_student(res.student, out, dict(clip_name=TINY_STUDENT if args.tiny else (args.student or STUDENT_CLIP),
-                     timm_name=TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
-                     teacher_dim=teacher.embed_dim, category=split.category, init=cfg.init, loss=cfg.loss, image_size=cfg.image_size))
+        save_student(res.student, out, student.spec)
+        save_split(split, out/'split.json')     # the run's photos: `sidclip export` checks the export on them and scores int8 on the test set
         if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png')
         last = read_metrics(out/'metrics.jsonl')[-1] if (out/'metrics.jsonl').exists() else {}
         print(f"distill: {len(ds)} training images, epoch {last.get('epoch')}, loss {last.get('loss', float('nan')):.4f}, "

@@ -129,6 +129,18 @@ class Student(nn.Module):
     @property
     def image_size(self) -> int: return self.image_encoder.image_size
 
+    def save_pretrained(self, out: str | Path) -> Path:
+        "Write student.safetensors + student.json to `out` (a student from `make_student`/`load_student` knows its spec)."
+        from sidclip_guide.distill import save_student
+        if getattr(self, 'spec', None) is None: raise SidclipError("This student does not know how it was built: make it with distill.make_student, or call save_student(student, out, spec).")
+        return save_student(self, out, self.spec)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, device: str = 'cpu') -> 'Student':
+        "Rebuild a student that `save_pretrained` or `sidclip distill` wrote (same as `distill.load_student`)."
+        from sidclip_guide.distill import load_student
+        return load_student(run_dir, device)
+
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         "Embed texts with the student's own text tower (needs `keep_text=True`)."
         if self.text_tower is None: raise SidclipError("This student has no text tower: build it with StudentConfig(keep_text=True).")

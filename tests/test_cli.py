@@ -13,7 +13,7 @@ def sidclip(*args, cwd=None, timeout=600):
 def test_help_lists_every_subcommand():
     r = sidclip('--help')
     assert r.returncode == 0
-    for cmd in ('demo', 'eval', 'synth', 'distill', 'probe'): assert cmd in r.stdout
+    for cmd in ('demo', 'eval', 'synth', 'distill', 'probe', 'export', 'predict'): assert cmd in r.stdout
 
 @pytest.mark.parametrize('cmd', ['demo', 'eval', 'synth', 'distill', 'probe'])
 def test_each_subcommand_explains_itself(cmd):
