@@ -20,13 +20,16 @@ class SidclipError(ValueError):
     "Bad input or state, with a message that names the thing and the fix."
 
 # %% ../nbs/00_utils.ipynb #bcb9f3a6
+_UMASK = os.umask(0o022); os.umask(_UMASK)   # the process umask, read once (os.umask can only be read by setting it)
+
 def atomic_write_bytes(path: str | Path, # destination file
                        data: bytes,       # complete content
                       ) -> Path:
-    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
+    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename), with the permissions `open` would give."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)        # mkstemp makes 0600 files; a result file should be readable as any other
         with os.fdopen(fd, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -105,7 +108,7 @@ def slugify(name: str, # any class name
     "A file-system-safe, unique folder name for `name` (ASCII, lower case, hash suffix when lossy)."
     s = unicodedata.normalize('NFKD', name).encode('ascii', 'ignore').decode()
     s = re.sub(r'[^A-Za-z0-9]+', '_', s).strip('_').lower()[:60]
-    lossless = s == name and s not in {'con', 'prn', 'aux', 'nul'}
+    lossless = bool(s) and s == name and s not in {'con', 'prn', 'aux', 'nul'}   # never '' (a path would lose its folder)
     if lossless: return s
     h = hashlib.sha1(name.encode('utf-8')).hexdigest()[:6]
     return f"{s or 'class'}-{h}"

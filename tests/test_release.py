@@ -1,0 +1,41 @@
+"""The release: sdist and wheel build from the project's own files, and the sdist installs and runs in a fresh venv."""
+import subprocess, sys, tarfile, venv, zipfile
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip('build')
+
+@pytest.fixture(scope='module')
+def dist(tmp_path_factory):
+    out = tmp_path_factory.mktemp('dist')
+    # --no-isolation: build with the setuptools already here (the registry is the only network; isolation would fetch it again)
+    r = subprocess.run([sys.executable, '-m', 'build', '--sdist', '--wheel', '--no-isolation', '--outdir', str(out), str(REPO)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out
+
+def test_sdist_carries_what_setup_reads(dist):
+    sdist, = dist.glob('*.tar.gz')
+    names = {n.split('/', 1)[1] for n in tarfile.open(sdist).getnames() if '/' in n}
+    assert {'settings.ini', 'setup.py', 'README.md', 'LICENSE', 'sidclip_guide/cli.py', 'sidclip_guide/serve.py'} <= names
+
+def test_wheel_has_every_module_and_the_console_script(dist):
+    wheel, = dist.glob('*.whl')
+    z = zipfile.ZipFile(wheel); names = set(z.namelist())
+    for mod in (REPO/'sidclip_guide').glob('*.py'): assert f'sidclip_guide/{mod.name}' in names, mod.name
+    ep = next(n for n in names if n.endswith('entry_points.txt'))
+    assert 'sidclip = sidclip_guide.cli:main' in z.read(ep).decode()
+
+def test_sdist_installs_in_a_fresh_venv(dist, tmp_path):
+    "pip builds the sdist in a new venv (dependencies from the system site, which has them) and the console script runs."
+    sdist, = dist.glob('*.tar.gz')
+    env_dir = tmp_path/'venv'; venv.create(env_dir, system_site_packages=True, with_pip=True)
+    py = env_dir/'bin'/'python'
+    r = subprocess.run([str(py), '-m', 'pip', 'install', '--no-deps', '--no-build-isolation', '-q', str(sdist)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([str(env_dir/'bin'/'sidclip'), '--version'], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and 'sidclip-guide' in r.stdout, r.stderr
+    r = subprocess.run([str(py), '-c', 'import sidclip_guide, pathlib; print(pathlib.Path(sidclip_guide.__file__).parent)'],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and str(env_dir) in r.stdout, (r.stdout, r.stderr)   # the venv's copy, not the source tree
