@@ -16,8 +16,8 @@ from .utils import SidclipError, atomic_write_bytes, atomic_write_json
 from .serve import META_KEY, model_card, preprocess, read_image, list_images, OnnxClassifier, predict
 
 # %% auto #0
-__all__ = ['RUNNERS', 'EXPORTERS', 'LogitsModel', 'export_onnx', 'export_pt2', 'runner', 'parity', 'quantize_int8',
-           'ExportConfig', 'export_run', 'TorchClassifier']
+__all__ = ['RUNNERS', 'EXPORTERS', 'INT8_FORMATS', 'LogitsModel', 'export_onnx', 'export_pt2', 'runner', 'parity',
+           'quantize_int8', 'ExportConfig', 'export_run', 'TorchClassifier']
 
 # %% ../nbs/13_deploy.ipynb #4410f8a4
 class LogitsModel(nn.Module):
@@ -88,26 +88,39 @@ def parity(student: nn.Module, # the PyTorch student
     return {'images': len(images), 'max_abs_diff': float(np.abs(out - ref).max()), 'top1_agreement': float((out.argmax(1) == ref.argmax(1)).mean())}
 
 # %% ../nbs/13_deploy.ipynb #384afbb3
+INT8_FORMATS = ('qoperator', 'qdq')   # onnxruntime.quantization's QuantFormat members, by lower-case name
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    "onnxruntime.quantization logs every int64 shape tensor it leaves in float on the root logger: keep errors only, meanwhile."
+    import logging
+    level = logging.root.level; logging.root.setLevel(logging.ERROR)
+    try: yield
+    finally: logging.root.setLevel(level)
+
 def quantize_int8(src,                     # the fp32 .onnx file (from `export_onnx`)
                   dst,                     # the int8 .onnx file to write (atomically)
                   calibration: np.ndarray, # (N, 3, S, S) float32 real images that set the activation ranges
                   batch_size: int = 16,    # images per calibration batch
+                  fmt: str = 'qoperator',  # 'qoperator' (fastest on ONNX Runtime CPU) or 'qdq' (portable to other execution providers)
                  ) -> Path:
-    "Static int8 (QDQ, per-channel int8 weights, uint8 activations calibrated on `calibration`); the model card is kept and marked."
+    "Static int8 (per-channel int8 weights, uint8 activations calibrated on `calibration`); the model card is kept and marked."
     import onnx
     from onnxruntime.quantization import quantize_static, QuantFormat, QuantType, CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    if fmt not in INT8_FORMATS: raise SidclipError(f"Unknown int8 format {fmt!r}: choose from {list(INT8_FORMATS)}.")
+    if not len(calibration): raise SidclipError("int8 calibration needs at least one real image.")
     card = OnnxClassifier(src).card
     class Batches(CalibrationDataReader):
         def __init__(self): self.it = iter({card['input']: calibration[i:i + batch_size]} for i in range(0, len(calibration), batch_size))
         def get_next(self): return next(self.it, None)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, _quiet_root_logger():
         pre, q = Path(d)/'pre.onnx', Path(d)/'int8.onnx'
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(q), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(str(pre), str(q), Batches(), quant_format=getattr(QuantFormat, {'qoperator': 'QOperator', 'qdq': 'QDQ'}[fmt]),
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         proto = onnx.load(str(q))
-    onnx.helper.set_model_props(proto, {META_KEY: json.dumps({**card, 'quantization': 'int8 static QDQ, per-channel weights', 'calibration_images': len(calibration)})})
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps({**card, 'quantization': f'int8 static {fmt}, per-channel weights', 'calibration_images': len(calibration)})})
     return atomic_write_bytes(dst, proto.SerializeToString())
 
 # %% ../nbs/13_deploy.ipynb #e3be47c0
@@ -116,6 +129,7 @@ class ExportConfig:
     "How `export_run` exports a trained run."
     format: str = 'onnx'           # 'onnx' (ONNX Runtime, any language) or 'pt2' (torch.export, PyTorch without this library)
     int8: bool = False             # also write a static int8 ONNX model, calibrated on the run's shots and scored on its test photos
+    int8_format: str = 'qoperator' # 'qoperator' (fastest on ONNX Runtime CPU) or 'qdq' (portable to TensorRT and other providers)
     opset: int = 18                # ONNX opset (18 runs on ONNX Runtime >= 1.14)
     parity_images: int = 32        # real images the fp32 parity check runs on
     calibration_images: int = 256  # at most this many training shots calibrate int8
@@ -125,6 +139,7 @@ class ExportConfig:
     def __post_init__(self):
         if self.format not in EXPORTERS: raise SidclipError(f"Unknown export format {self.format!r}: choose from {sorted(EXPORTERS)}.")
         if self.int8 and self.format != 'onnx': raise SidclipError("int8 is an ONNX Runtime quantization: use format='onnx' with int8.")
+        if self.int8_format not in INT8_FORMATS: raise SidclipError(f"Unknown int8 format {self.int8_format!r}: choose from {list(INT8_FORMATS)}.")
 
 # %% ../nbs/13_deploy.ipynb #deee4905
 def _real_images(items, image_size: int, n: int) -> np.ndarray:
@@ -174,7 +189,7 @@ def _int8_report(student, fp32_path, dst, split, real, cfg: ExportConfig, log) -
     "Quantize `fp32_path`, then score fp32 and int8 on the split's test photos (agreement only, on `real`, without labels)."
     S = student.image_size
     calib = _real_images(split.shots() if split else [], S, cfg.calibration_images) if split else real
-    q = quantize_int8(fp32_path, dst, calib if len(calib) else real, cfg.batch_size // 4 or 1)
+    q = quantize_int8(fp32_path, dst, calib if len(calib) else real, cfg.batch_size // 4 or 1, cfg.int8_format)
     f32, i8 = OnnxClassifier(fp32_path).logits, OnnxClassifier(q).logits
     rep = {'file': str(q), 'bytes': q.stat().st_size, 'calibration_images': int(len(calib) or len(real))}
     test = split.test_items() if split else []

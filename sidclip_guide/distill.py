@@ -594,7 +594,7 @@ def _check_resume_config(old: dict, cfg: DistillConfig, where) -> None:
     changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items() if k not in _NO_EFFECT and k in old and old[k] != v]
     if changed:
         diff = ', '.join(changed)
-        raise SidclipError(f"{where} holds a run with another configuration ({diff}): resume with the same settings, or use a new --out folder.")
+        raise SidclipError(f"{where} holds a run with another configuration ({diff}): resume with the same settings, use a new --out folder, or --restart.")
 
 # %% ../nbs/10_distill.ipynb #41dd03cf
 def train(student: nn.Module,            # returns dict(logits, embeds, proj) on [0,1] images
@@ -857,7 +857,8 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--num-workers', type=int, default=0, help='DataLoader workers')
     p.add_argument('--seed', type=int, default=0, help='seed of data order, augmentations and init')
     p.add_argument('--out', required=True, help='run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)')
-    p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out')
+    p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out (the default whenever --out holds one)')
+    p.add_argument('--restart', action='store_true', help="start from scratch: delete --out's checkpoints and metrics first")
     p.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (time-boxed sessions; resume later)')
     p.add_argument('--tiny', action='store_true', help='offline smoke mode: tiny random CLIP teacher and student, toy data if no --split')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -875,6 +876,19 @@ def _config_from_args(a) -> DistillConfig:
                          num_workers=a.num_workers, out_dir=a.out, image_size=a.image_size if a.image_size is not None else (32 if a.tiny else d.image_size),
                          device=a.device, progress=not a.quiet).validate()
 
+def _cli_resume(out: Path, resume: bool, restart: bool) -> bool:
+    "Re-running the same command continues: resume whenever `out` holds a checkpoint; `restart` deletes the old run first."
+    if resume and restart: raise SidclipError("--resume and --restart contradict each other: pick one.")
+    ck = out/'checkpoints'
+    if restart:
+        import shutil
+        if ck.exists(): shutil.rmtree(ck)
+        for f in ('metrics.jsonl', 'config.json'): (out/f).unlink(missing_ok=True)
+        return False
+    found = ck.is_dir() and latest_checkpoint(ck) is not None
+    if found and not resume: print(f"distill: {out} holds a run: continuing it (--restart starts over).")
+    return resume or found
+
 def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
                ) -> int:
     "Run `sidclip distill`; returns the exit code."
@@ -889,6 +903,7 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     else: raise SidclipError("sidclip distill needs --split SPLIT.json (or --tiny for an offline smoke run).")
     k = split.k if args.k is None else args.k
     tname, tpre = (TINY_CLIP, None) if args.tiny else (args.teacher, args.teacher_pretrained)
+    torch.manual_seed(cfg.seed)            # a random-weight (--tiny) teacher is the same teacher on every run, so a resume matches
     if tname.startswith('timm:'):          # any timm network (hub weights, or a local file): its head is the library's probe on the shots
         from sidclip_guide.models import ImageEncoder
         from sidclip_guide.teacher import Teacher
@@ -903,8 +918,9 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
                            teacher.embed_dim, split.category, text_bundle=tbundle)
     ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops))
     test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
+    resume = _cli_resume(out, args.resume, args.restart)
     res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
-                resume=args.resume, stop_after=args.stop_after)
+                resume=resume, stop_after=args.stop_after)
     if PartialState().is_main_process:
         from safetensors.torch import save
         save_student(res.student, out, student.spec)
