@@ -882,7 +882,7 @@ def _cli_resume(out: Path, resume: bool, restart: bool) -> bool:
     ck = out/'checkpoints'
     if restart:
         import shutil
-        if ck.exists(): shutil.rmtree(ck)
+        shutil.rmtree(ck, ignore_errors=True)   # every process of a DDP launch gets here: whoever is first deletes
         for f in ('metrics.jsonl', 'config.json'): (out/f).unlink(missing_ok=True)
         return False
     found = ck.is_dir() and latest_checkpoint(ck) is not None
