@@ -23,11 +23,12 @@ from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_
 __all__ = ['LOSS_NAMES', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'DistillConfig', 'synthetic_items',
            'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment', 'make_scheduler',
            'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'load_checkpoint', 'evaluate_top1',
-           'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids',
-           'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches', 'step_budget', 'probe_head', 'train',
-           'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher', 'make_student', 'save_student',
-           'load_student', 'add_distill_parser', 'run_distill', 'distill_main', 'demo_distill']
+           'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'checkpoint_candidates',
+           'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult',
+           'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches',
+           'step_budget', 'probe_head', 'train', 'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher',
+           'make_student', 'save_student', 'load_student', 'add_distill_parser', 'run_distill', 'distill_main',
+           'demo_distill']
 
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')   # the keys of the `LOSSES` registry (below)
@@ -331,6 +332,7 @@ def save_checkpoint(ckpt_dir: str | Path,  # the run's checkpoints/ folder
     "Atomically write a safetensors checkpoint + JSON sidecar and update `manifest.json`; returns the safetensors path."
     from safetensors.torch import save
     ckpt_dir = Path(ckpt_dir); ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for orphan in ckpt_dir.glob('.*.tmp'): orphan.unlink(missing_ok=True)   # half-written files of a killed earlier write
     tensors = {f'model/{k}': v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta: dict = {'format': CKPT_FORMAT, 'epoch': int(epoch), 'model_class': type(model).__name__, **(extra or {})}
     if optimizer is not None:
@@ -352,10 +354,13 @@ def save_checkpoint(ckpt_dir: str | Path,  # the run's checkpoints/ folder
 
 def read_checkpoint_manifest(ckpt_dir: str | Path, # a checkpoints/ folder
                             ) -> dict:
-    "The checkpoint manifest (empty if none), keeping only entries whose files exist."
+    "The checkpoint manifest (empty if none), keeping only entries whose files exist; rebuilt from the files if it is unreadable."
     p = Path(ckpt_dir)/'manifest.json'
     if not p.exists(): return {'format': CKPT_FORMAT, 'checkpoints': [], 'latest': None}
-    man = json.loads(p.read_text())
+    try: man = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError):       # truncated by a crash: the checkpoint files themselves are the record
+        man = {'format': CKPT_FORMAT, 'checkpoints': [{'epoch': int(f.stem[5:]), 'file': f.name, 'sidecar': f.stem + '.json'}
+                                                      for f in sorted(p.parent.glob('ckpt-[0-9]*.safetensors'))]}
     man['checkpoints'] = [e for e in man['checkpoints'] if (p.parent/e['file']).exists() and (p.parent/e['sidecar']).exists()]
     man['latest'] = man['checkpoints'][-1] if man['checkpoints'] else None
     return man
@@ -365,6 +370,11 @@ def latest_checkpoint(ckpt_dir: str | Path, # a checkpoints/ folder
     "Path of the newest complete checkpoint, or None."
     man = read_checkpoint_manifest(ckpt_dir)
     return Path(ckpt_dir)/man['latest']['file'] if man['latest'] else None
+
+def checkpoint_candidates(ckpt_dir: str | Path, # a checkpoints/ folder
+                         ) -> list[Path]:
+    "Every complete checkpoint, newest first: what a resume tries in turn when the newest one does not load."
+    return [Path(ckpt_dir)/e['file'] for e in reversed(read_checkpoint_manifest(ckpt_dir)['checkpoints'])]
 
 # %% ../nbs/10_distill.ipynb #f84852c0
 def load_checkpoint(path: str | Path,      # a ckpt-*.safetensors file, or a checkpoints/ folder (newest is used)
@@ -589,6 +599,20 @@ def _resolve_cache(teacher_cache, teacher, cfg: DistillConfig):
     if not cfg.needs_teacher or cfg.aug_pool == 0 or not isinstance(teacher, Teacher): return None
     return TeacherCache(teacher, fields=('logits',) if cfg.loss == 'kd' else ('embeds',))
 
+def _resume_from(first: Path, candidates: list, cfg: DistillConfig, student, opt, sched, log=print) -> dict:
+    "Load the newest checkpoint that reads (a truncated one is skipped, and said so); a changed config still refuses."
+    for i, path in enumerate(candidates or [first]):
+        try:
+            meta = json.loads(path.with_suffix('.json').read_text())
+            _check_resume_config(meta.get('config', {}), cfg, path.parent)
+            meta = load_checkpoint(path, student, opt, sched, restore_rng=True)
+            if i: log(f"Resumed from {path.name}: the newer checkpoint(s) could not be read.")
+            return meta
+        except SidclipError: raise
+        except Exception as e:
+            log(f"Checkpoint {path.name} cannot be read ({type(e).__name__}: {str(e)[:100]}); trying the one before.")
+    raise SidclipError(f"No checkpoint in {first.parent} can be read: start over with --restart (or a new --out).")
+
 def _check_resume_config(old: dict, cfg: DistillConfig, where) -> None:
     "Raise unless the checkpoint's config equals `cfg` in every field that changes the result."
     changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items() if k not in _NO_EFFECT and k in old and old[k] != v]
@@ -647,8 +671,7 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     # -- resume: weights, optimizer, schedule, scaler and every RNG, after checking the settings are the same
     start, gstep = 0, 0
     if ckpt_path is not None:
-        _check_resume_config(json.loads(ckpt_path.with_suffix('.json').read_text()).get('config', {}), cfg, ckpt_path.parent)
-        meta = load_checkpoint(ckpt_path, student, opt, sched, restore_rng=True)
+        meta = _resume_from(ckpt_path, checkpoint_candidates(ckdir) if resume is True else [ckpt_path], cfg, student, opt, sched, acc.print)
         start, gstep = meta['epoch'], meta.get('global_step', 0)
         if meta.get('scaler'): scaler.load_state_dict(meta['scaler'])
         if log and acc.is_main_process and meta.get('metrics') and start not in {r['epoch'] for r in read_jsonl(log)}:
@@ -806,12 +829,15 @@ def load_student(run_dir: str | Path,           # a `sidclip distill` run folder
     run_dir = Path(run_dir)
     missing = [f for f in STUDENT_FILES if not (run_dir/f).is_file()]
     if missing: raise SidclipError(f"{run_dir} has no {missing}: point load_student at the --out folder of a finished `sidclip distill` run.")
-    spec = json.loads((run_dir/STUDENT_FILES[1]).read_text())
+    try: spec = json.loads((run_dir/STUDENT_FILES[1]).read_text())
+    except ValueError as e: raise SidclipError(f"{run_dir/STUDENT_FILES[1]} is unreadable ({e}): re-run the same `sidclip distill` command, which rewrites it.") from None
     cfg = DistillConfig(loss=spec['loss'], init=spec['init'], image_size=spec['image_size'])
     st = make_student(spec['class_names'], cfg, spec['clip_name'], None, spec['timm_name'], spec['teacher_dim'], spec['category'])
     if spec.get('head_input') == 'proj' and getattr(st, 'head_input', 'embeds') != 'proj':   # head on the projection (teacher's texts)
         st.head_input, st.head = 'proj', nn.Linear(spec['teacher_dim'], len(spec['class_names']), bias=False)
-    load_state_strict(st, load_file(str(run_dir/STUDENT_FILES[0])), what=f'student weights in {run_dir}')
+    try: weights = load_file(str(run_dir/STUDENT_FILES[0]))
+    except Exception as e: raise SidclipError(f"{run_dir/STUDENT_FILES[0]} is unreadable ({type(e).__name__}: {str(e)[:80]}): re-run the same `sidclip distill` command, which rewrites it.") from None
+    load_state_strict(st, weights, what=f'student weights in {run_dir}')
     st.spec = {k: spec[k] for k in ('clip_name', 'timm_name', 'teacher_dim', 'category', 'init', 'loss', 'image_size')}
     return st.to(device).eval()
 

@@ -245,3 +245,30 @@ def test_cli_timm_teacher_from_local_weights(toy, capsys):
     save_file({'x': torch.zeros(3)}, str(wrong))
     assert distill_main(args[:5] + [str(wrong)] + args[6:] + ['--out', str(tmp / 'timm2')]) == 2
     assert 'does not fit' in capsys.readouterr().err
+
+
+def test_resume_skips_a_truncated_checkpoint_and_manifest(toy, capsys):
+    "A crash that truncates the newest checkpoint and the manifest: resume says so and continues from the one before."
+    from sidclip_guide.distill import load_student, save_student
+    tmp, split, bundle = toy
+    names = split.class_names
+    teacher = _teacher(bundle, names, split)
+    ds = build_distill_dataset(split, 4, transform=train_transform(32))
+    out = tmp / 'trunc'
+    train(_student(names), teacher, ds, _cfg(out, epochs=3, save_every=1, keep=3), stop_after=2)
+    ck = out / 'checkpoints'
+    newest = ck / 'ckpt-0002.safetensors'
+    newest.write_bytes(newest.read_bytes()[:100])                    # killed mid-write of a non-atomic copy, or a bad disk
+    (ck / 'manifest.json').write_text('{"format": ')                  # and the manifest too
+    (ck / '.ckpt-0003.safetensors.abc.tmp').write_bytes(b'half')      # an orphan of a killed atomic write
+    r = train(_student(names, seed=5), teacher, ds, _cfg(out, epochs=3, save_every=1, keep=3), resume=True)
+    said = capsys.readouterr().out
+    assert 'ckpt-0002.safetensors cannot be read' in said and 'Resumed from ckpt-0001.safetensors' in said
+    assert [h['epoch'] for h in r.history] == [2, 3]
+    assert not list(ck.glob('.*.tmp'))                                   # orphans are swept by the next checkpoint write
+    assert read_checkpoint_manifest(ck)['latest']['epoch'] == 3
+    # a truncated student file is a one-line error naming it, not a traceback
+    spec = dict(clip_name=TINY_STUDENT, timm_name='tinynet_e', teacher_dim=None, category='object', init='text', loss='kd', image_size=32)
+    save_student(r.student, out, spec)
+    (out / 'student.safetensors').write_bytes(b'\x00' * 10)
+    with pytest.raises(SidclipError, match='student.safetensors is unreadable'): load_student(out)
