@@ -8,7 +8,7 @@ import sys, time, argparse, importlib, dataclasses, typing
 from pathlib import Path
 
 from . import __version__
-from .utils import SidclipError, DemoContext, atomic_write_text, get_device
+from .utils import SidclipError, DemoContext, atomic_write_text, get_device, os_error_message
 
 # %% auto #0
 __all__ = ['STAGE_PARSERS', 'DEMO_STAGES', 'WIRING_NOTE', 'write_report', 'run_demo', 'config_arguments', 'config_from_args',
@@ -203,3 +203,5 @@ def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
         print(f'sidclip {args.command}: error: {e}', file=sys.stderr); return 2
     except KeyboardInterrupt:
         print(f'sidclip {args.command}: interrupted; everything written so far is complete and a re-run resumes.', file=sys.stderr); return 130
+    except OSError as e:   # disk full, read-only file system, a file where a folder should be: the path and the cause, no traceback
+        print(f'sidclip {args.command}: error: {os_error_message(e)}', file=sys.stderr); return 2

@@ -315,6 +315,19 @@ def save_split(split: FewShotSplit, # the split to write
     "Write a split as JSON (one image per line), atomically."
     return atomic_write_text(path, _dumps_split(split.to_dict()))
 
+def _check_split_entries(d: dict, path) -> None:
+    "Raise a one-line `SidclipError` for a hand-edited split: bad k, class list, or an entry without path/label/rank."
+    def bad(why): raise SidclipError(f"Split file {path}: {why}; write it again with `save_split`.")
+    if not isinstance(d['k'], int) or isinstance(d['k'], bool) or d['k'] < 1: bad(f"k={d['k']!r} must be a positive integer")
+    names = d['class_names']
+    if not isinstance(names, list) or not names or not all(isinstance(c, str) and c.strip() for c in names): bad("class_names must be a list of non-empty names")
+    if len(set(names)) != len(names): bad("class_names has duplicates")
+    for part, need in (('train', ('path', 'label', 'rank')), ('val', ('path', 'label')), ('test', ('path', 'label'))):
+        for i, e in enumerate(d.get(part) or []):
+            if not isinstance(e, dict) or any(key not in e for key in need): bad(f"{part} entry {i} lacks one of {list(need)}")
+            if not isinstance(e['label'], int) or not 0 <= e['label'] < len(names): bad(f"{part} entry {i} has label {e['label']!r}, but there are {len(names)} class names")
+            if 'rank' in need and (not isinstance(e['rank'], int) or e['rank'] < 0): bad(f"{part} entry {i} has rank {e['rank']!r} (a shot's 0-based position in its class)")
+
 def load_split(path: str | Path,          # a .json written by `save_split`
                root: str | Path | None = None, # where the images are now (default: the root stored in the file)
                check: bool = True,          # raise if any listed image is missing
@@ -330,6 +343,7 @@ def load_split(path: str | Path,          # a .json written by `save_split`
         raise SidclipError(f"{path} has split format version {d['version']}; this library reads up to {FORMAT_VERSION}: upgrade sidclip-guide.")
     lacks = [key for key in ('root', 'class_names', 'category', 'seed', 'k', 'train', 'test') if key not in d]
     if lacks: raise SidclipError(f"Split file {path} lacks {lacks}: it was edited or truncated; write it again with `save_split`.")
+    _check_split_entries(d, path)
     s = FewShotSplit(str(Path(root).expanduser()) if root is not None else d['root'], d['class_names'], d['category'],
                      d['seed'], d['k'], d['train'], d['test'], d.get('val', []))
     if check: check_split_files(s, path)

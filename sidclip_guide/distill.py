@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 
 from .teacher import cache_key
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                                 append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, cpu_threads)
+                                 append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, cpu_threads, os_error_message)
 
 # %% auto #0
 __all__ = ['LOSS_NAMES', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'DistillConfig', 'synthetic_items',
@@ -967,6 +967,8 @@ def distill_main(argv: list[str] | None = None, # arguments after `distill` (def
     try: return args.func(args)
     except SidclipError as e:
         print(f'sidclip distill: error: {e}', file=sys.stderr); return 2
+    except OSError as e:
+        print(f'sidclip distill: error: {os_error_message(e)}', file=sys.stderr); return 2
 
 # %% ../nbs/10_distill.ipynb #02788b9b
 def demo_distill(ctx,               # a `DemoContext` with artifacts 'split', 'teacher_bundle' (and optionally 'manifest')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_utils.ipynb #b68f7174
 from __future__ import annotations
-import os, re, json, random, tempfile, hashlib, unicodedata, contextlib
+import os, re, json, errno, random, tempfile, hashlib, unicodedata, contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -12,12 +12,23 @@ from typing import Any, Iterable
 import numpy as np
 
 # %% auto #0
-__all__ = ['SidclipError', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_save_image', 'read_jsonl',
-           'append_jsonl', 'slugify', 'stable_seed', 'seed_everything', 'get_device', 'cpu_threads', 'DemoContext']
+__all__ = ['SidclipError', 'os_error_message', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+           'atomic_save_image', 'read_jsonl', 'append_jsonl', 'slugify', 'stable_seed', 'seed_everything', 'get_device',
+           'cpu_threads', 'DemoContext']
 
 # %% ../nbs/00_utils.ipynb #a6cb8538
 class SidclipError(ValueError):
     "Bad input or state, with a message that names the thing and the fix."
+
+# %% ../nbs/00_utils.ipynb #06462267
+_OS_FIXES = {errno.ENOSPC: 'free some space or choose another --out', errno.EROFS: 'the file system is read-only: choose another --out',
+             errno.EACCES: 'no permission: choose a folder you can write to', errno.ENOTDIR: 'a file stands where a folder should be: choose another --out',
+             errno.EEXIST: 'a file stands where a folder should be: choose another --out', errno.EDQUOT: 'the disk quota is used up: free some space'}
+
+def os_error_message(e: OSError) -> str:
+    "One line for an `OSError` a user can act on: the path, the cause and the fix."
+    where = f" ({e.filename})" if e.filename else ''
+    return f"{e.strerror or e}{where}: {_OS_FIXES.get(e.errno, 'check the path, its permissions and free space')}."
 
 # %% ../nbs/00_utils.ipynb #bcb9f3a6
 _UMASK = os.umask(0o022); os.umask(_UMASK)   # the process umask, read once (os.umask can only be read by setting it)

@@ -53,3 +53,11 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     for line in report.splitlines():          # every plot the report shows exists
         if line.startswith('!['): assert (out/line.split('](')[1].rstrip(')')).exists(), line
     print(f'demo took {elapsed:.0f}s')
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    "A file where --out's folder should be: the path and the fix on one line, exit 2, no traceback."
+    f = tmp_path/'taken'; f.write_text('x')
+    r = sidclip('distill', '--tiny', '--out', str(f/'run'), '--epochs', '1', '--quiet')
+    assert r.returncode == 2, r.stderr
+    assert 'a file stands where a folder should be' in r.stderr and str(f) in r.stderr and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
