@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #565c8a5e
 from __future__ import annotations
-import os, json, atexit, shutil, difflib, itertools, tempfile, contextlib, logging
+import os, json, atexit, shutil, difflib, functools, itertools, tempfile, contextlib, logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,8 +17,9 @@ import open_clip
 from .utils import SidclipError
 
 # %% auto #0
-__all__ = ['TINY_CLIP', 'TINY_CLIP_CFG', 'register_clip_config', 'ClipBundle', 'is_offline', 'hub_offline', 'check_clip_name',
-           'load_clip', 'encode_texts', 'read_state_dict', 'load_weights_file', 'ImageEncoder', 'encode_images']
+__all__ = ['TINY_CLIP', 'TINY_CLIP_CFG', 'register_clip_config', 'ClipBundle', 'is_offline', 'hub_reachable', 'hub_offline',
+           'check_clip_name', 'load_clip', 'encode_texts', 'read_state_dict', 'load_weights_file', 'ImageEncoder',
+           'encode_images']
 
 # %% ../nbs/02_models.ipynb #4428cdc4
 _CONFIG_DIR = None
@@ -66,9 +67,20 @@ class ClipBundle:
 # %% ../nbs/02_models.ipynb #cd0956cc
 def is_offline(offline: bool | None = None, # an explicit choice wins; None reads the environment
               ) -> bool:
-    "`offline` if given, else whether HF_HUB_OFFLINE or SIDCLIP_OFFLINE is set to a true value (1/true/yes/on)."
+    "`offline` if given; else True when HF_HUB_OFFLINE or SIDCLIP_OFFLINE is set (1/true/yes/on) or the hub cannot be reached."
     if offline is not None: return bool(offline)
-    return any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on') for v in ('HF_HUB_OFFLINE', 'SIDCLIP_OFFLINE'))
+    if any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on') for v in ('HF_HUB_OFFLINE', 'SIDCLIP_OFFLINE')): return True
+    return not hub_reachable()
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(host: str = 'huggingface.co', # the Hugging Face hub (open_clip and timm weights come from it)
+                  timeout: float = 3.0,         # seconds to wait for a TCP connection
+                 ) -> bool:
+    "Whether a TCP connection to the hub opens, probed once per process: without network, loaders fail in seconds instead of retrying for a minute."
+    import socket
+    try:
+        with socket.create_connection((host, 443), timeout=timeout): return True
+    except OSError: return False
 
 @contextlib.contextmanager
 def hub_offline(offline: bool = True):
@@ -116,13 +128,18 @@ class _DropRandomInitNote(logging.Filter):
     "Drop open_clip's 'No pretrained weights loaded' warning (asking for random weights is deliberate here)."
     def filter(self, record: logging.LogRecord) -> bool: return 'No pretrained weights loaded' not in record.getMessage()
 
+class _DropDownloadError(logging.Filter):
+    "Drop open_clip's root-logger 'Failed to download' line: `load_clip` raises its own one-line error, with that cause in it."
+    def filter(self, record: logging.LogRecord) -> bool: return not record.getMessage().startswith('Failed to download')
+
 @contextlib.contextmanager
 def _quiet_random_init(active: bool = True):
     "While active, hide open_clip's warning that a model was randomly initialised."
-    f, root = _DropRandomInitNote(), logging.getLogger()
+    f, d, root = _DropRandomInitNote(), _DropDownloadError(), logging.getLogger()
     if active: root.addFilter(f)
+    root.addFilter(d)
     try: yield
-    finally: root.removeFilter(f)
+    finally: root.removeFilter(f); root.removeFilter(d)
 
 def load_clip(name: str,                    # open_clip name ('ViT-L-14'), 'hf-hub:org/repo', 'local-dir:/path', or a registered config
               pretrained: str | None = None, # tag ('openai', 'laion2b_s32b_b82k'), checkpoint file, or None for random init
