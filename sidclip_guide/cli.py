@@ -85,22 +85,33 @@ def _demo_cmd(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #5abfb9eb
+def _scalar(t):
+    "`X` of `X | None`, else `t`: the type a flag's string is converted with."
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if len(args) == 1 else t
+
 def config_arguments(parser: argparse.ArgumentParser, # the subcommand's parser
                      cls,                              # a settings dataclass
                      skip: typing.Collection[str] = (), # fields the command sets itself
+                     aliases: dict | None = None,       # field -> extra flag names, e.g. {'use_synthetic': ['--synthetic']}
+                     given_only: bool = False,          # leave flags that are not given out of the namespace (a preset fills them)
                     ) -> None:
     "Add one `--field-name` flag per field of `cls`: help from the field's comment, default from the field; bools get `--x/--no-x`."
     from fastcore.docments import docments
     docs, hints = docments(cls, full=True), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip: continue
-        flag, doc = '--' + f.name.replace('_', '-'), docs[f.name]['docment'] or f.name
-        if hints[f.name] is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
-        else: parser.add_argument(flag, type=hints[f.name], default=f.default, metavar=f.name.upper(), help=f'{doc} (default: {f.default})')
+        flags = ['--' + f.name.replace('_', '-'), *(aliases or {}).get(f.name, ())]
+        kw = dict(default=argparse.SUPPRESS if given_only else f.default, help=f"{docs[f.name]['docment'] or f.name} (default: {f.default})")
+        if hints[f.name] is bool:   # BooleanOptionalAction appends the default itself when it knows it (Python < 3.14)
+            if not given_only and sys.version_info < (3, 14): kw['help'] = docs[f.name]['docment'] or f.name
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        else: parser.add_argument(*flags, type=_scalar(hints[f.name]), metavar=f.name.upper(), **kw)
 
-def config_from_args(cls, args: argparse.Namespace):
-    "The dataclass `cls` from the flags `config_arguments` added (its `__post_init__` validates them)."
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+def config_from_args(cls, args: argparse.Namespace, base=None):
+    "`base` (default `cls()`) with the fields whose flags `config_arguments` added and the user gave; `__post_init__` checks them."
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return dataclasses.replace(base if base is not None else cls(), **given)
 
 # %% ../nbs/90_cli.ipynb #ae501069
 def add_export_parser(sub) -> argparse.ArgumentParser:

@@ -69,6 +69,11 @@ class DistillConfig:
     progress: bool = True            # show a tqdm bar with loss and accuracy
 
     @classmethod
+    def tiny(cls, **kw) -> 'DistillConfig':
+        "Smoke-test settings for tiny offline models (`sidclip distill --tiny`): 32 px, batch 8, two epochs, no step floor."
+        return cls(**{**dict(epochs=2, min_steps=0, batch_size=8, image_size=32), **kw})
+
+    @classmethod
     def popp(cls, **kw) -> 'DistillConfig':
         "Popp et al.'s feature-distillation settings: L2 loss, constant 5e-4, batch 256, no warm-up, BatchNorm statistics trained."
         return cls(**{**dict(loss='l2', lr=5e-4, batch_size=256, schedule='constant', weight_decay=0.0, warmup=0.0,
@@ -847,7 +852,6 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser('distill', help='distil a CLIP teacher into a small student (SIDCLIP KD or feature distillation)',
                               description='Fit the teacher head on the k real shots, then distil into the student on the shots '
                                           'plus their synthetic images. Checkpoints every epoch; --resume continues a run exactly.')
-    d = DistillConfig()
     p.add_argument('--split', help='few-shot split JSON (from save_split); optional with --tiny')
     p.add_argument('--k', type=int, default=None, help="real shots per class (default: the split's k)")
     p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) of synthetic images')
@@ -858,30 +862,9 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
     p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
-    p.add_argument('--loss', default=d.loss, choices=LOSS_NAMES, help='kd (SIDCLIP), l2 (Popp), ce (no distillation), l2+clip, l2+mp')
-    p.add_argument('--alpha', type=float, default=d.alpha, help='KD weight in [0,1]')
-    p.add_argument('--T', type=float, default=d.T, help='KD temperature (> 0)')
-    p.add_argument('--epochs', type=int, default=None, help=f'epochs, at least (default {d.epochs}; 2 with --tiny)')
-    p.add_argument('--batch-size', type=int, default=None, help=f'per-process batch size (default {d.batch_size}; 8 with --tiny)')
-    p.add_argument('--lr', type=float, default=d.lr, help='peak AdamW learning rate')
-    p.add_argument('--weight-decay', type=float, default=d.weight_decay, help='AdamW weight decay')
-    p.add_argument('--schedule', default=d.schedule, choices=['cosine', 'constant'], help='LR schedule')
-    p.add_argument('--warmup', type=float, default=d.warmup, help='linear warm-up as a fraction of the optimizer steps, in [0, 1)')
-    p.add_argument('--min-steps', type=int, default=d.min_steps, help='at least this many optimizer steps (tiny few-shot sets get more epochs)')
-    p.add_argument('--head-lr-mult', type=float, default=d.head_lr_mult, help='the class head learns this many times faster than the backbone')
-    p.add_argument('--bn', default=d.bn, choices=['frozen', 'train'], help='BatchNorm running statistics: frozen (pretrained) or trained')
-    p.add_argument('--head-init', default=d.head_init, choices=['auto', 'probe', 'keep'], help='probe: LP-FT, head from a linear probe on the shots; keep: as built; auto: probe unless text-initialised')
-    p.add_argument('--randaugment-ops', type=int, default=d.randaugment_ops, help='RandAugment operations per image (SIDCLIP paper: 6)')
-    p.add_argument('--no-randaugment', action='store_true', help='crop + flip only (ablation)')
-    p.add_argument('--no-synthetic', action='store_true', help='real shots only (ablation)')
-    p.add_argument('--init', default='text', choices=['text', 'none'], help="'text': text-initialised small CLIP; 'none': standalone timm")
+    from sidclip_guide.cli import config_arguments    # every DistillConfig field is a flag, with its comment as help
+    config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True)
     p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
-    p.add_argument('--aug-pool', type=int, default=d.aug_pool, help=f'augmentation draws per image to cycle through, so the teacher cache hits (0: fresh each epoch; default {d.aug_pool})')
-    p.add_argument('--image-size', type=int, default=None, help='student input size (default 224; 32 with --tiny)')
-    p.add_argument('--amp', default='no', choices=['no', 'bf16', 'fp16'], help='mixed precision')
-    p.add_argument('--device', default=None, help="'cpu', 'cuda', ... (default: best available)")
-    p.add_argument('--num-workers', type=int, default=0, help='DataLoader workers')
-    p.add_argument('--seed', type=int, default=0, help='seed of data order, augmentations and init')
     p.add_argument('--out', required=True, help='run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)')
     p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out (the default whenever --out holds one)')
     p.add_argument('--restart', action='store_true', help="start from scratch: delete --out's checkpoints and metrics first")
@@ -892,15 +875,10 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 def _config_from_args(a) -> DistillConfig:
-    d = DistillConfig()
-    return DistillConfig(loss=a.loss, alpha=a.alpha, T=a.T, epochs=a.epochs if a.epochs is not None else (2 if a.tiny else d.epochs),
-                         min_steps=a.min_steps if not a.tiny or a.min_steps != d.min_steps else 0,
-                         batch_size=a.batch_size if a.batch_size is not None else (8 if a.tiny else d.batch_size), lr=a.lr,
-                         head_lr_mult=a.head_lr_mult, weight_decay=a.weight_decay, schedule=a.schedule, warmup=a.warmup, bn=a.bn,
-                         head_init=a.head_init, randaugment=not a.no_randaugment, randaugment_ops=a.randaugment_ops,
-                         aug_pool=a.aug_pool, use_synthetic=not a.no_synthetic, init=a.init, amp=a.amp, seed=a.seed,
-                         num_workers=a.num_workers, out_dir=a.out, image_size=a.image_size if a.image_size is not None else (32 if a.tiny else d.image_size),
-                         device=a.device, progress=not a.quiet).validate()
+    "The run's settings: the preset (`DistillConfig.tiny()` with --tiny), then every flag the user gave."
+    from sidclip_guide.cli import config_from_args
+    cfg = config_from_args(DistillConfig, a, DistillConfig.tiny() if a.tiny else DistillConfig())
+    return replace(cfg, out_dir=a.out, progress=not a.quiet).validate()
 
 def _cli_resume(out: Path, resume: bool, restart: bool) -> bool:
     "Re-running the same command continues: resume whenever `out` holds a checkpoint; `restart` deletes the old run first."
@@ -925,7 +903,7 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     from sidclip_guide.data import load_split, save_split, make_toy_dataset, make_fewshot_split, train_transform, eval_transform, ImageListDataset
     cfg = _config_from_args(args); out = Path(args.out)
     if args.split: split = load_split(args.split)
-    elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=args.seed)
+    elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=cfg.seed)
     else: raise SidclipError("sidclip distill needs --split SPLIT.json (or --tiny for an offline smoke run).")
     k = split.k if args.k is None else args.k
     tname, tpre = (TINY_CLIP, None) if args.tiny else (args.teacher, args.teacher_pretrained)
