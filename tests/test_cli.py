@@ -52,7 +52,9 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
     for line in report.splitlines():          # every plot the report shows exists
         if line.startswith('!['): assert (out/line.split('](')[1].rstrip(')')).exists(), line
-    print(f'demo took {elapsed:.0f}s')
+    used = sum(p.stat().st_size for p in out.rglob('*') if p.is_file())
+    assert used < 120e6, f'the demo wrote {used / 1e6:.0f} MB; the README promises about 80 MB'   # two checkpoints per run are kept
+    print(f'demo took {elapsed:.0f}s and wrote {used / 1e6:.0f} MB')
 
 def test_out_that_is_a_file_is_one_line(tmp_path):
     "A file where --out's folder should be: the path and the fix on one line, exit 2, no traceback."
