@@ -653,6 +653,7 @@ d = { 'settings': { 'branch': 'main',
                                      'sidclip_guide.utils.get_device': ('utils.html#get_device', 'sidclip_guide/utils.py'),
                                      'sidclip_guide.utils.os_error_message': ('utils.html#os_error_message', 'sidclip_guide/utils.py'),
                                      'sidclip_guide.utils.read_jsonl': ('utils.html#read_jsonl', 'sidclip_guide/utils.py'),
+                                     'sidclip_guide.utils.require': ('utils.html#require', 'sidclip_guide/utils.py'),
                                      'sidclip_guide.utils.seed_everything': ('utils.html#seed_everything', 'sidclip_guide/utils.py'),
                                      'sidclip_guide.utils.slugify': ('utils.html#slugify', 'sidclip_guide/utils.py'),
                                      'sidclip_guide.utils.stable_seed': ('utils.html#stable_seed', 'sidclip_guide/utils.py')}}}

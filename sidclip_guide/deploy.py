@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .utils import SidclipError, atomic_write_bytes, atomic_write_json
+from .utils import SidclipError, atomic_write_bytes, atomic_write_json, require
 from .serve import META_KEY, model_card, preprocess, read_image, list_images, OnnxClassifier, predict
 
 # %% auto #0
@@ -39,7 +39,7 @@ def export_onnx(student: nn.Module, # a `Student` with a head
                 **card,             # extra model-card entries (source run, ...)
                ) -> Path:
     "Write the student as one ONNX file (dynamic batch, weights inside, model card in the metadata); returns the path."
-    import onnx
+    onnx = require('onnx', 'deploy'); require('onnxscript', 'deploy')   # the dynamo exporter writes through onnxscript
     net = LogitsModel(student).eval()
     batch = torch.export.Dim('batch', min=1, max=4096)
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):   # the exporter narrates every step on stdout
@@ -105,7 +105,7 @@ def quantize_int8(src,                     # the fp32 .onnx file (from `export_o
                   fmt: str = 'qoperator',  # 'qoperator' (fastest on ONNX Runtime CPU) or 'qdq' (portable to other execution providers)
                  ) -> Path:
     "Static int8 (per-channel int8 weights, uint8 activations calibrated on `calibration`); the model card is kept and marked."
-    import onnx
+    onnx = require('onnx', 'deploy'); require('onnxruntime', 'deploy')
     from onnxruntime.quantization import quantize_static, QuantFormat, QuantType, CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
     if fmt not in INT8_FORMATS: raise SidclipError(f"Unknown int8 format {fmt!r}: choose from {list(INT8_FORMATS)}.")

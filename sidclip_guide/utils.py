@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import numpy as np
 
 # %% auto #0
-__all__ = ['SidclipError', 'os_error_message', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+__all__ = ['SidclipError', 'os_error_message', 'require', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
            'atomic_save_image', 'read_jsonl', 'append_jsonl', 'slugify', 'stable_seed', 'seed_everything', 'get_device',
            'cpu_threads', 'DemoContext']
 
@@ -29,6 +29,15 @@ def os_error_message(e: OSError) -> str:
     "One line for an `OSError` a user can act on: the path, the cause and the fix."
     where = f" ({e.filename})" if e.filename else ''
     return f"{e.strerror or e}{where}: {_OS_FIXES.get(e.errno, 'check the path, its permissions and free space')}."
+
+# %% ../nbs/00_utils.ipynb #66f779b7
+def require(module: str, # the module to import, e.g. 'onnxruntime.quantization'
+            extra: str,  # the package extra that installs it, e.g. 'deploy'
+           ):
+    "Import an optional dependency, or raise a one-line `SidclipError` naming the extra that installs it."
+    import importlib
+    try: return importlib.import_module(module)
+    except ImportError: raise SidclipError(f"{module} is not installed: pip install \"sidclip-guide[{extra}]\".") from None
 
 # %% ../nbs/00_utils.ipynb #bcb9f3a6
 _UMASK = os.umask(0o022); os.umask(_UMASK)   # the process umask, read once (os.umask can only be read by setting it)
