@@ -66,7 +66,7 @@ def class_shots(src,                     # a `FewShotSplit`, {class: [shot paths
 
 def plan_items(split_or_classes,               # a `FewShotSplit`, {class: [shot paths]}, or [class names]
                mode: str = 'mix',               # 'mix' (SIDCLIP Kandinsky mixtures), 'prompt' (diversified prompts), 'text' ('a photo of a {c}')
-               n_per_class: int = 300,          # images per class
+               n_per_class: int | None = 300,   # images per class; None: 300 for 'mix', one per covering row for 'prompt' (Popp: 265 / 1,011)
                seed: int = 0,                   # base seed of the whole run
                prompt_cfg: PromptConfig | None = None, # dimensions for 'prompt' mode (default: built-in 'generic')
                shots_k: int | None = None,      # shots per class mixed in ('mix' mode)
@@ -74,15 +74,15 @@ def plan_items(split_or_classes,               # a `FewShotSplit`, {class: [shot
               ) -> list[GenRequest]:
     "Deterministic generation requests: ids `{slug}-{i:05d}`, seeds `stable_seed(seed, class, i)`."
     if mode not in ('mix', 'prompt', 'text'): raise SidclipError(f"Unknown mode {mode!r}: use 'mix', 'prompt' or 'text'.")
-    if n_per_class < 1: raise SidclipError(f"n_per_class must be >= 1, got {n_per_class}.")
+    if n_per_class is not None and n_per_class < 1: raise SidclipError(f"n_per_class must be >= 1, got {n_per_class}.")
     reqs = []
     for c, shots in class_shots(split_or_classes, shots_k).items():
         if mode == 'mix':
             from sidclip_guide.synthesize import draw_mix_specs
-            conds = draw_mix_specs(c, shots, n_per_class, stable_seed(seed, c, 'mix'), schedule=schedule)
+            conds = draw_mix_specs(c, shots, n_per_class or 300, stable_seed(seed, c, 'mix'), schedule=schedule)
         else:
             ps = build_prompts(c, prompt_cfg or builtin_config('generic', seed=seed)) if mode == 'prompt' else text_prompts(c)
-            conds = [ps[i % len(ps)] for i in range(n_per_class)]
+            conds = [ps[i % len(ps)] for i in range(n_per_class or (len(ps) if mode == 'prompt' else 300))]
         reqs += [GenRequest(f'{slugify(c)}-{i:05d}', cond, stable_seed(seed, c, i)) for i, cond in enumerate(conds)]
     return reqs
 
@@ -385,7 +385,7 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--out', required=True, help='output folder (images + manifest.jsonl)')
     p.add_argument('--generator', default='kandinsky', choices=GENERATORS)
     p.add_argument('--mode', default='mix', choices=['mix', 'prompt', 'text'])
-    p.add_argument('--n-per-class', type=int, default=300)
+    p.add_argument('--n-per-class', type=int, default=None, help="images per class (default: 300 for mix and text; for prompt, one per covering-array row: Popp's 265, or 1,011 for food)")
     p.add_argument('--k', type=int, default=None, help='shots per class mixed in (default: the split k)')
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--seed', type=int, default=0)

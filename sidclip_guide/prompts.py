@@ -14,9 +14,17 @@ from .utils import SidclipError, stable_seed
 from .synthesize import PromptSpec
 
 # %% auto #0
-__all__ = ['BUILTIN_DIMENSIONS', 'DEFAULT_LLM', 'ContextDimension', 'PromptConfig', 'builtin_config', 'load_dimensions',
-           'llm_messages', 'parse_options', 'llm_options', 'covering_gaps', 'covering_array', 'weighted_name',
+__all__ = ['BUILTIN_DIMENSIONS', 'DEFAULT_LLM', 'weighted_name', 'ContextDimension', 'PromptConfig', 'builtin_config',
+           'load_dimensions', 'llm_messages', 'parse_options', 'llm_options', 'covering_gaps', 'covering_array',
            'build_prompts', 'text_prompts']
+
+# %% ../nbs/05_prompts.ipynb #8e40334d
+def weighted_name(name: str,     # class name
+                  weight: float, # compel weight; 1.0 leaves the name unweighted
+                 ) -> str:
+    "The class name in compel syntax, e.g. `(daisy)1.5`."
+    esc = name.replace('\\', '\\\\').replace('(', '\\(').replace(')', '\\)')
+    return esc if weight == 1 else f'({esc}){weight:g}'
 
 # %% ../nbs/05_prompts.ipynb #ff7ca7e5
 @dataclass
@@ -25,10 +33,11 @@ class ContextDimension:
     name: str                                   # e.g. 'location', 'daytime', 'camera angle'
     options: list[str] = field(default_factory=list)  # e.g. ['a garden', 'a kitchen']; at least one
     template: str = '{}'                        # phrasing with `{}` for the option, e.g. 'in {}'
+    weight: float = 1.0                         # compel weight of the phrase (Popp Table 5: e.g. daytime 0.1, way of serving 1.5); 1 = unweighted
 
     def render(self, option: str) -> str:
-        "The phrase this dimension adds to a prompt for `option`."
-        return self.template.format(option)
+        "The phrase this dimension adds to a prompt for `option`, compel-weighted when `weight` is not 1."
+        return weighted_name(self.template.format(option), self.weight)
 
 # %% ../nbs/05_prompts.ipynb #b3d3c3f7
 @dataclass
@@ -38,6 +47,7 @@ class PromptConfig:
     classname_weight: float = 1.5               # compel weight of the class name, e.g. 1.5 -> "(daisy)1.5"; 1.0 = unweighted
     template: str = 'a photo of a {classname}'  # base template; `{classname}` is replaced by the (weighted) class name
     superclass: str = ''                        # if set, ", a type of {superclass}" follows the class name
+    superclass_weight: float = 1.0              # compel weight of the superclass (Popp Table 5: pets 1.2)
     negative_prompt: str = ''                   # negative prompt for every image (compel syntax allowed)
     strength: int = 2                           # covering strength t: every t-tuple of options of any t dimensions appears
     seed: int = 0                               # shuffles option order, so different seeds give different (still covering) arrays
@@ -45,7 +55,7 @@ class PromptConfig:
     def to_dict(self) -> dict:
         "JSON-serialisable form (recorded next to generated data)."
         return {'dimensions': [vars(d).copy() for d in self.dimensions], 'classname_weight': self.classname_weight,
-                'template': self.template, 'superclass': self.superclass, 'negative_prompt': self.negative_prompt,
+                'template': self.template, 'superclass': self.superclass, 'superclass_weight': self.superclass_weight, 'negative_prompt': self.negative_prompt,
                 'strength': self.strength, 'seed': self.seed}
 
     @classmethod
@@ -56,44 +66,74 @@ class PromptConfig:
 
 # %% ../nbs/05_prompts.ipynb #43bf8d1c
 def _dims(*specs) -> list[ContextDimension]:
-    return [ContextDimension(n, list(o), t) for n, t, o in specs]
+    return [ContextDimension(n, list(o), t, w) for n, t, o, w in specs]
 
-_LOC, _DAY, _ANGLE = 'location', 'daytime', 'camera angle'
-BUILTIN_DIMENSIONS: dict[str, dict] = {
-    'pets': dict(superclass='pet', classname_weight=1.5, dimensions=_dims(
-        (_LOC, 'in {}', ['a living room', 'a garden', 'a park', 'a bedroom', 'the snow', 'a beach']),
-        ('position', '{}', ['sitting', 'lying down', 'standing', 'running', 'sleeping', 'playing']),
-        (_DAY, 'at {}', ['morning', 'noon', 'sunset', 'night']))),
-    'food': dict(superclass='food', classname_weight=1.5, dimensions=_dims(
-        ('way of serving', 'served {}', ['on a white plate', 'in a bowl', 'on a wooden board', 'in a takeaway box', 'on a street-food tray']),
-        (_LOC, 'in {}', ['a restaurant', 'a home kitchen', 'a food market', 'a picnic', 'a cafe']),
-        (_ANGLE, '{}', ['top-down view', 'close-up', 'side view', 'from a 45 degree angle']))),
-    'flowers': dict(superclass='flower', classname_weight=1.5, dimensions=_dims(
-        (_LOC, 'in {}', ['a garden', 'a meadow', 'a vase', 'a forest', 'a flower shop', 'a field']),
-        (_DAY, 'at {}', ['morning', 'noon', 'sunset', 'dusk']),
-        (_ANGLE, '{}', ['close-up', 'from above', 'side view', 'macro shot']))),
-    'cars': dict(superclass='car', classname_weight=1.5, dimensions=_dims(
-        ('colour', 'painted {}', ['red', 'black', 'white', 'silver', 'blue', 'green']),
-        (_LOC, 'on {}', ['a city street', 'a highway', 'a parking lot', 'a country road', 'a showroom floor']),
-        (_DAY, 'at {}', ['daytime', 'sunset', 'night']),
-        (_ANGLE, '{}', ['front view', 'side view', 'rear view', 'three-quarter view']))),
-    'imagenet': dict(superclass='', classname_weight=1.5, dimensions=_dims(
-        (_LOC, 'in {}', ['a city', 'a house', 'nature', 'a studio', 'the water', 'the sky']),
-        (_DAY, 'at {}', ['daytime', 'sunset', 'night']),
-        (_ANGLE, '{}', ['close-up', 'from afar', 'from above', 'side view']))),
+_DAYTIME = ['early morning', 'sunrise', 'morning', 'late morning', 'noon', 'early afternoon', 'afternoon', 'late afternoon',
+            'golden hour', 'sunset', 'dusk', 'twilight', 'evening', 'night', 'midnight']
+_ANGLE = ['close-up', 'front view', 'side view', 'from above', 'from below', 'eye level', 'wide shot', 'three-quarter view',
+          'macro shot', 'top-down view', 'low angle', 'high angle', 'over-the-shoulder view', 'rear view', 'panoramic view']
+_FOOD_TIME = _DAYTIME + ['breakfast time', 'brunch time', 'lunchtime', 'tea time', 'dinner time', 'a rainy morning', 'a sunny afternoon',
+                         'a cloudy day', 'a winter evening', 'a summer night', 'a foggy morning', 'a holiday morning', 'a weekend noon',
+                         'a late night', 'a spring afternoon']
+_FOOD_ANGLE = _ANGLE + ['overhead flat lay', 'extreme close-up', 'medium shot', "bird's-eye view", 'tilted angle', 'shallow depth of field',
+                        'from across the table', 'diagonal view', 'cross-section view', 'hand-held shot', 'table-level view', 'detail shot',
+                        'centered composition', 'rule-of-thirds composition', 'soft-focus background']
+BUILTIN_DIMENSIONS: dict[str, dict] = {   # Popp et al. Table 5: class-name weight, superclass, four dimensions with their weights
+    'pets': dict(superclass='pet', superclass_weight=1.2, classname_weight=1.5, dimensions=_dims(
+        ('locations', 'in {}', ['a living room', 'a garden', 'a park', 'a bedroom', 'a snowy field', 'a sandy beach', 'a kitchen',
+                                'a forest trail', 'a city sidewalk', 'a sofa', 'a backyard lawn', 'a veterinary clinic',
+                                'a mountain meadow', 'a porch', 'a lake shore'], 1.0),
+        ('position', '{}', ['sitting', 'lying down', 'standing', 'running', 'sleeping', 'playing with a toy', 'jumping', 'curled up',
+                            'stretching', 'walking', 'rolling on its back', 'looking up', 'crouching', 'yawning', 'peeking around a corner'], 1.0),
+        ('daytime', 'at {}', _DAYTIME, 1.0),
+        ('camera angle', '{}', _ANGLE, 1.0))),
+    'flowers': dict(superclass='flower', superclass_weight=1.0, classname_weight=1.2, dimensions=_dims(
+        ('color', '{} petals', ['red', 'pink', 'white', 'yellow', 'orange', 'purple', 'blue', 'violet', 'magenta', 'cream', 'lavender',
+                                'peach', 'crimson', 'golden', 'two-toned'], 1.0),
+        ('locations', 'in {}', ['a garden', 'a meadow', 'a vase', 'a forest', 'a flower shop', 'a field', 'a greenhouse', 'a park',
+                                'a windowsill pot', 'a riverbank', 'a mountain slope', 'a bouquet', 'a balcony box', 'a botanical garden',
+                                'a roadside verge'], 1.0),
+        ('daytime', 'at {}', _DAYTIME, 0.1),
+        ('camera angle', '{}', _ANGLE, 0.1))),
+    'cars': dict(superclass='car', superclass_weight=1.0, classname_weight=1.0, dimensions=_dims(
+        ('locations', 'on {}', ['a city street', 'a highway', 'a parking lot', 'a country road', 'a showroom floor', 'a desert road',
+                                'a mountain pass', 'a garage driveway', 'a racetrack', 'a gas station forecourt', 'a suburban street',
+                                'a snowy road', 'a coastal road', 'a car wash', 'a bridge'], 1.0),
+        ('color', 'painted {}', ['red', 'black', 'white', 'silver', 'blue', 'grey', 'green', 'yellow', 'orange', 'dark blue', 'burgundy',
+                                 'beige', 'bronze', 'gold', 'matte black'], 1.0),
+        ('daytime', 'at {}', _DAYTIME, 1.0),
+        ('camera angle', '{}', _ANGLE, 1.0))),
+    'food': dict(superclass='food', superclass_weight=1.0, classname_weight=1.2, dimensions=_dims(
+        ('locations', 'in {}', ['a restaurant', 'a home kitchen', 'a food market', 'a picnic', 'a cafe', 'a food truck', 'a dining room',
+                                'a bakery', 'a street stall', 'a buffet', 'a diner', 'a bistro terrace', 'a rooftop bar', 'a beach bar',
+                                'a hotel breakfast room', 'a school cafeteria', 'a wedding banquet', 'a campsite', 'an office',
+                                'a train dining car', 'a night market', 'a farmhouse', 'a sushi bar', 'a pizzeria', 'a steakhouse',
+                                'a tea house', 'a food court', 'a garden party', 'a living room', 'a cooking class'], 1.0),
+        ('way of serving', 'served {}', ['on a white plate', 'in a bowl', 'on a wooden board', 'in a takeaway box', 'on a street-food tray',
+                                         'on a slate platter', 'in a paper cone', 'on a skewer', 'in a cast-iron pan', 'in a bento box',
+                                         'on a banana leaf', 'in a glass jar', 'on a ceramic dish', 'in a clay pot', 'on a silver tray',
+                                         'wrapped in paper', 'in a basket', 'on a cutting board', 'in a mug', 'on a paper plate', 'in a tin',
+                                         'in a wok', 'on a cake stand', 'in a lunchbox', 'on a buffet platter', 'in a soup tureen',
+                                         'on a stick', 'in a tortilla', 'with dipping sauces', 'in a sharing bowl'], 1.5),
+        ('daytime', 'at {}', _FOOD_TIME, 0.1),
+        ('camera angle', '{}', _FOOD_ANGLE, 0.1))),
+    'imagenet': dict(superclass='', superclass_weight=1.0, classname_weight=1.5, dimensions=_dims(   # not in the paper: the library's own
+        ('locations', 'in {}', ['a city', 'a house', 'nature', 'a studio', 'the water', 'the sky'], 1.0),
+        ('daytime', 'at {}', ['daytime', 'sunset', 'night'], 1.0),
+        ('camera angle', '{}', ['close-up', 'from afar', 'from above', 'side view'], 1.0))),
 }
 BUILTIN_DIMENSIONS['generic'] = BUILTIN_DIMENSIONS['imagenet']
 
 def builtin_config(dataset: str, # a key of `BUILTIN_DIMENSIONS`: 'pets', 'food', 'flowers', 'cars', 'imagenet', 'generic'
                    **overrides,   # any `PromptConfig` field, e.g. `seed=3`, `classname_weight=2.0`
                   ) -> PromptConfig:
-    "A `PromptConfig` with the built-in dimensions of `dataset`."
+    "A `PromptConfig` with the built-in dimensions and weights of `dataset` (Popp Table 5 for pets, flowers, cars, food)."
     key = dataset.lower().strip()
     if key not in BUILTIN_DIMENSIONS:
         raise SidclipError(f"No built-in prompt dimensions for dataset {dataset!r}: choose one of {sorted(BUILTIN_DIMENSIONS)} "
                            "or pass your own dimensions (a dict or a JSON/YAML file) to `load_dimensions`.")
     b = BUILTIN_DIMENSIONS[key]
-    kw = dict(superclass=b['superclass'], classname_weight=b['classname_weight'],
+    kw = dict(superclass=b['superclass'], superclass_weight=b['superclass_weight'], classname_weight=b['classname_weight'],
               dimensions=[replace(d, options=list(d.options)) for d in b['dimensions']])
     kw.update(overrides)
     return PromptConfig(**kw)
@@ -213,20 +253,13 @@ def covering_array(dims: dict[str, list[str]], # {dimension: [options]}; order o
     return rows
 
 # %% ../nbs/05_prompts.ipynb #ddd8717e
-def weighted_name(name: str,     # class name
-                  weight: float, # compel weight; 1.0 leaves the name unweighted
-                 ) -> str:
-    "The class name in compel syntax, e.g. `(daisy)1.5`."
-    esc = name.replace('\\', '\\\\').replace('(', '\\(').replace(')', '\\)')
-    return esc if weight == 1 else f'({esc}){weight:g}'
-
 def build_prompts(class_name: str,          # class to build prompts for
                   cfg: PromptConfig | None = None, # dimensions and weights; None = zero-shot text-only ('a photo of a {c}')
                  ) -> list[PromptSpec]:
     "One compel-weighted prompt per covering-array row, for one class."
     if cfg is None: return text_prompts(class_name)
     head = cfg.template.format(classname=weighted_name(class_name, cfg.classname_weight))
-    if cfg.superclass: head += f', a type of {cfg.superclass}'
+    if cfg.superclass: head += f', a type of {weighted_name(cfg.superclass, cfg.superclass_weight)}'
     dims = {d.name: d.options for d in cfg.dimensions}
     if len(dims) != len(cfg.dimensions): raise SidclipError(f"Two prompt dimensions share a name in {[d.name for d in cfg.dimensions]}: rename one.")
     rows = covering_array(dims, cfg.strength, stable_seed(cfg.seed, class_name))

@@ -46,7 +46,8 @@ def test_builtin_datasets_give_distinct_weighted_prompts(dataset):
     cfg = builtin_config(dataset, negative_prompt='lowres')
     ps = build_prompts('Abyssinian (cat)', cfg)
     assert len(ps) == len({p.prompt for p in ps}) >= 12
-    assert all(r'(Abyssinian \(cat\))1.5' in p.prompt and p.negative_prompt == 'lowres' for p in ps)
+    name = weighted_name('Abyssinian (cat)', cfg.classname_weight)        # Table 5: 1.5 pets, 1.2 flowers/food, 1.0 cars
+    assert all(name in p.prompt and p.negative_prompt == 'lowres' for p in ps)
     # every option of every dimension is used
     for d in cfg.dimensions:
         for o in d.options: assert any(d.render(o) in p.prompt for p in ps), (d.name, o)
