@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_probes.ipynb #f3918a7e
 from __future__ import annotations
-import argparse, copy, math, time
+import argparse, copy, difflib, math, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,8 +19,8 @@ from .data import DatasetInfo, ImageListDataset, load_dataset, _SHAPES, _COLOURS
 from .teacher import clip_teacher
 
 # %% auto #0
-__all__ = ['SHAPE_SETS', 'CORRUPTIONS', 'as_dataset', 'predict', 'shape_image', 'shapes_probe_sets', 'ColourStats', 'SmallCNN',
-           'load_tensors', 'fit_classifier', 'spurious_reliance', 'feature_reliance', 'corrupt',
+__all__ = ['SHAPE_SETS', 'IMAGENET_C', 'CORRUPTIONS', 'as_dataset', 'predict', 'shape_image', 'shapes_probe_sets', 'ColourStats',
+           'SmallCNN', 'load_tensors', 'fit_classifier', 'spurious_reliance', 'feature_reliance', 'corrupt',
            'corruption_robustness', 'robustness_summary', 'plot_robustness', 'transfer_matrix', 'ProbeConfig',
            'synthetic_halves', 'probe_teacher', 'add_probe_parser', 'run_probe', 'demo_probe']
 
@@ -211,86 +211,50 @@ def feature_reliance(model: nn.Module,   # a Student / Teacher (its 'embeds') or
     return res
 
 # %% ../nbs/11_probes.ipynb #19feb95d
-CORRUPTIONS = {  # kind -> ImageNet-C parameter per severity 1..5
-    'gaussian_noise': [0.08, 0.12, 0.18, 0.26, 0.38],          # noise std
-    'shot_noise': [60, 25, 12, 5, 3],                          # Poisson photon count per unit intensity
-    'impulse_noise': [0.03, 0.06, 0.09, 0.17, 0.27],           # salt-and-pepper fraction of pixel values
-    'gaussian_blur': [1, 2, 3, 4, 6],                          # sigma in pixels at 224 px (scaled to the image side)
-    'brightness': [0.1, 0.2, 0.3, 0.4, 0.5],                   # added to HSV value
-    'contrast': [0.4, 0.3, 0.2, 0.1, 0.05],                    # factor towards the image mean
-    'jpeg': [25, 18, 15, 10, 7],                               # JPEG quality
-    'pixelate': [0.6, 0.5, 0.4, 0.3, 0.25],                    # downscale factor (box down, nearest up)
-    'saturate': [(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)], # HSV saturation s*a + b
-}
+IMAGENET_C = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',   # Popp Table 4:
+              'snow', 'frost', 'fog', 'brightness', 'contrast', 'elastic_transform', 'pixelate', 'jpeg_compression')   # all 15 at severity 3
+CORRUPTIONS = IMAGENET_C + ('speckle_noise', 'gaussian_blur', 'spatter', 'saturate')   # ImageNet-C's four held-out corruptions too
+_OWN_SEED = {'impulse_noise', 'glass_blur'}   # corruptions of the fork that take a `seed` instead of numpy's global generator
 
 def _check_corruption(kind: str, severity: int):
-    if kind not in CORRUPTIONS: raise SidclipError(f"Unknown corruption {kind!r}: use one of {list(CORRUPTIONS)}.")
+    if kind not in CORRUPTIONS:
+        close = difflib.get_close_matches(kind, CORRUPTIONS, n=3)
+        raise SidclipError(f"Unknown corruption {kind!r}{f' (close: {close})' if close else ''}: use one of {', '.join(CORRUPTIONS)}.")
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
         raise SidclipError(f"Corruption severity {severity!r} is invalid: use an integer 1, 2, 3, 4 or 5.")
 
-def _gen(seed: int) -> torch.Generator: return torch.Generator().manual_seed(int(seed))
-
-def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    "JPEG round trip of a [0,1] batch: torchvision's `jpeg` where it exists, else PIL."
-    import warnings
-    u8 = (x * 255).round().to(torch.uint8).cpu()
-    try:
-        from torchvision.transforms.v2.functional import jpeg
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', DeprecationWarning)   # torchvision 0.29 deprecates its codecs in favour of torchcodec
-            y = jpeg(u8, quality)
-    except (ImportError, RuntimeError):
-        import io
-        from PIL import Image
-        def rt(a):
-            buf = io.BytesIO(); Image.fromarray(a.permute(1, 2, 0).numpy()).save(buf, format='JPEG', quality=quality)
-            return torch.from_numpy(np.asarray(Image.open(buf).convert('RGB')).copy()).permute(2, 0, 1)
-        y = torch.stack([rt(a) for a in u8])
-    return y.to(x.device).float() / 255
-
 # %% ../nbs/11_probes.ipynb #74a1efc1
 def corrupt(images: torch.Tensor, # (B,3,H,W) or (3,H,W) float images in [0,1]
-            kind: str,            # a key of `CORRUPTIONS`
+            kind: str,            # one of `CORRUPTIONS`
             severity: int,        # 1 (mild) .. 5 (severe)
-            seed: int = 0,        # seed of the random corruptions (noise)
+            seed: int = 0,        # seed of the random corruptions (noise, frost crops, snow, ...)
            ) -> torch.Tensor:
-    "An ImageNet-C style corruption of a [0,1] batch; same shape and device, values in [0,1], deterministic given `seed`."
-    from torchvision.transforms.v2 import functional as TF
+    "An ImageNet-C corruption (the reference code, via `imagecorruptions`) of a [0,1] batch; same shape and device, deterministic given `seed`."
     _check_corruption(kind, severity)
     if not torch.is_tensor(images) or images.ndim not in (3, 4) or images.shape[-3] != 3 or not images.is_floating_point():
         raise SidclipError(f"corrupt wants float images (B,3,H,W) or (3,H,W) in [0,1]; got {getattr(images, 'shape', type(images))}.")
+    import imagecorruptions as ic
+    if min(images.shape[-2:]) < 32: raise SidclipError(f"ImageNet-C corruptions need images of at least 32x32 pixels; got {tuple(images.shape[-2:])}: resize first.")
     single = images.ndim == 3
-    x = (images[None] if single else images).float().clamp(0, 1)
-    c, dev, (H, W) = CORRUPTIONS[kind][severity - 1], x.device, x.shape[-2:]
-    rand = lambda: torch.rand(x.shape, generator=_gen(seed)).to(dev)
-    if kind == 'gaussian_noise': y = x + torch.randn(x.shape, generator=_gen(seed)).to(dev) * c
-    elif kind == 'shot_noise': y = torch.poisson((x * c).cpu(), generator=_gen(seed)).to(dev) / c
-    elif kind == 'impulse_noise':
-        r = rand(); y = torch.where(r < c / 2, 0.0, torch.where(r < c, 1.0, x))
-    elif kind == 'gaussian_blur':
-        sigma = max(c * max(H, W) / 224, 1e-3); k = 2 * math.ceil(3 * sigma) + 1
-        y = TF.gaussian_blur(x, [k, k], [sigma, sigma])
-    elif kind == 'brightness':
-        v = x.amax(1, keepdim=True); nv = (v + c).clamp(max=1)
-        y = torch.where(v > 0, x * nv / v.clamp(min=1e-8), nv.expand_as(x))
-    elif kind == 'contrast':
-        m = x.mean((1, 2, 3), keepdim=True); y = (x - m) * c + m
-    elif kind == 'jpeg': y = _jpeg(x, int(c))
-    elif kind == 'pixelate':
-        y = F.interpolate(F.interpolate(x, size=(max(1, int(H * c)), max(1, int(W * c))), mode='area'), size=(H, W), mode='nearest')
-    else:  # saturate: in HSV, rgb = v - (v - rgb) * s'/s keeps hue and value
-        a, b = c; v = x.amax(1, keepdim=True); mn = x.amin(1, keepdim=True)
-        s = (v - mn) / v.clamp(min=1e-8); ns = (s * a + b).clamp(0, 1)
-        y = torch.where(s > 0, v - (v - x) * ns / s.clamp(min=1e-8), x)
-    y = y.clamp(0, 1).to(images.dtype)
+    u8 = ((images[None] if single else images).float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    state = np.random.get_state()
+    try:
+        out = []
+        for i, a in enumerate(u8):
+            s = stable_seed(seed, kind, severity, i) % 2**32
+            np.random.seed(s)                       # most corruptions draw from numpy's global generator...
+            kw = {'seed': s} if kind in _OWN_SEED else {}   # ...two take their own seed (skimage's noise, the numba shuffle)
+            out.append(np.asarray(ic.corrupt(np.ascontiguousarray(a), corruption_name=kind, severity=int(severity), **kw), dtype=np.float32))
+    finally: np.random.set_state(state)
+    y = (torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 255).clamp(0, 1).to(images.device, images.dtype)
     return y[0] if single else y
 
 # %% ../nbs/11_probes.ipynb #a977e63b
 @torch.no_grad()
 def corruption_robustness(classifier: nn.Module,            # maps [0,1] images to logits
                           dataset,                          # anything `as_dataset` accepts (labels in the classifier's order)
-                          kinds: Sequence[str] = ('gaussian_noise', 'gaussian_blur', 'contrast', 'jpeg'), # corruptions
-                          severities: Sequence[int] = (1, 3, 5), # severities 1..5
+                          kinds: Sequence[str] = IMAGENET_C, # corruptions (default: ImageNet-C's 15, as Popp Table 4)
+                          severities: Sequence[int] = (3,),  # severities 1..5 (Popp: 3)
                           batch_size: int = 64,             # images per forward pass
                           device: str | torch.device = 'cpu', # where to run
                           seed: int = 0,                    # base seed of the random corruptions
@@ -368,8 +332,8 @@ def transfer_matrix(classifiers: dict,  # name ("trained on") -> classifier mapp
 @dataclass
 class ProbeConfig:
     "What `sidclip probe` and `demo_probe` measure."
-    kinds: tuple = ('gaussian_noise', 'gaussian_blur', 'contrast', 'jpeg') # corruptions (keys of CORRUPTIONS)
-    severities: tuple = (1, 3, 5)  # corruption severities 1..5
+    kinds: tuple = IMAGENET_C      # corruptions (of CORRUPTIONS; default ImageNet-C's 15, as Popp Table 4)
+    severities: tuple = (3,)       # corruption severities 1..5 (Popp Table 4: 3)
     head_epochs: int = 100         # full-batch steps of each linear-head fit on cached teacher features
     shapes_classes: int = 4        # shape classes in the spurious-feature probe
     shapes_per_class: int = 40     # images per class and view in the spurious-feature probe
