@@ -222,7 +222,10 @@ def run_generation(generator,                    # a `Generator` (name, settings
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     ids = [r.item_id for r in reqs]
     if len(set(ids)) != len(ids): raise SidclipError("Duplicate item_id in the plan: ids must be unique (use `plan_items`).")
+    if batch_size < 1 or max_attempts < 1: raise SidclipError(f"batch_size={batch_size} and max_attempts={max_attempts} must be at least 1.")
     done, stale = _collect(out, check_files=True)
+    old_ext = {Path(rec['file']).suffix.lstrip('.') for rec in done.values()} - {ext}
+    if old_ext: raise SidclipError(f"{out} holds .{sorted(old_ext)[0]} images but ext={ext!r} was asked: resume with the same --ext, or use a new --out.")
     if not allow_mixed: _check_same_generator(done, generator, out)
     _check_same_plan(done, reqs, out)
     mine = list(reqs)[rank::world_size]
@@ -359,6 +362,7 @@ def make_generator(name: str,                 # one of `GENERATORS`
     "Build a `Generator` by name."
     from sidclip_guide import synthesize as S
     device = str(device)
+    if image_size is not None and image_size < 8: raise SidclipError(f"image_size={image_size} is too small: give at least 8 pixels (or leave it unset).")
     if name == 'noise': return NoiseGenerator(image_size or 32)
     tiny_dt = 'fp16' if fp16 else 'fp32'
     if name == 'tiny-kandinsky':

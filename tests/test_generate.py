@@ -199,3 +199,16 @@ def test_cli_from_saved_split(tmp_path):
     assert [r['label'] for r in rows] == [0, 0, 1, 1]
     shots = split.shots_by_class(1)
     assert all(r['source_images'] == [str(shots[r['label']][0])] and r['weights'] == [0.4, 0.6] for r in rows)
+
+
+def test_bad_values_are_errors_not_defaults(tmp_path):
+    "A changed --ext on resume, batch size 0 and image size 0 are one-line errors (they used to be silently ignored or replaced)."
+    from sidclip_guide.generate import make_generator
+    reqs = plan_items(CLASSES[:1], 'text', 2)
+    run_generation(NoiseGenerator(32), reqs, tmp_path/'a', progress=False)
+    with pytest.raises(SidclipError, match=r"holds \.png images but ext='jpg'"):
+        run_generation(NoiseGenerator(32), plan_items(CLASSES[:1], 'text', 3), tmp_path/'a', ext='jpg', progress=False)
+    with pytest.raises(SidclipError, match='batch_size=0'): run_generation(NoiseGenerator(32), reqs, tmp_path/'b', batch_size=0, progress=False)
+    with pytest.raises(SidclipError, match='image_size=0 is too small'): make_generator('noise', 'cpu', image_size=0)
+    r = run(synth_cmd(tmp_path/'c', extra=('--image-size', '0')), check=False)
+    assert r.returncode == 2 and 'image_size=0' in r.stderr and 'Traceback' not in r.stderr, r.stderr
