@@ -92,7 +92,9 @@ MANIFEST = 'manifest.jsonl'
 def item_file(req: GenRequest, # the request
               ext: str = 'png', # image format suffix
              ) -> str:
-    "Path of an item's image relative to the output folder: `<class-slug>/<item_id>.<ext>`."
+    "Path of an item's image relative to the output folder: `<class-slug>/<item_id>.<ext>`; an id that would leave the folder is refused."
+    if not req.item_id or any(ch in req.item_id for ch in '/\\\0') or req.item_id in ('.', '..'):
+        raise SidclipError(f"item_id {req.item_id!r} is not a plain file name: every image must stay inside --out (use `plan_items`).")
     return f'{slugify(req.cond.class_name)}/{req.item_id}.{ext}'
 
 def manifest_record(req: GenRequest,  # the request

@@ -212,3 +212,12 @@ def test_bad_values_are_errors_not_defaults(tmp_path):
     with pytest.raises(SidclipError, match='image_size=0 is too small'): make_generator('noise', 'cpu', image_size=0)
     r = run(synth_cmd(tmp_path/'c', extra=('--image-size', '0')), check=False)
     assert r.returncode == 2 and 'image_size=0' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_every_image_stays_inside_out():
+    "An empty class name gets a real folder (it once wrote to /-00000.png); an item id with a path in it is refused."
+    import dataclasses
+    r = plan_items([''], 'text', 1)[0]
+    assert item_file(r).startswith('class-') and not item_file(r).startswith('/')
+    for bad in ('../escape', '/etc/x', '..', ''):
+        with pytest.raises(SidclipError, match='stay inside --out'): item_file(dataclasses.replace(r, item_id=bad))
