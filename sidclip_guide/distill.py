@@ -669,6 +669,8 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     opt = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, dl = acc.prepare(student, dl)
     epochs, total = step_budget(len(dl), cfg.epochs, cfg.min_steps)
+    if cfg.progress or acc.num_processes > 1:   # the world size, said once: a launcher that silently started one process shows here
+        acc.print(f"train: {acc.num_processes} process(es) on {dev.type}, {len(data)} images, {epochs} epochs = {total} optimizer steps")
     sched = make_scheduler(opt, cfg.schedule, total, round(cfg.warmup * total))
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == 'fp16')   # a no-op unless fp16
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.amp)

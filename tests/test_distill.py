@@ -150,6 +150,7 @@ assert distill_main({args['l2+clip']!r}) == 0
         assert read_checkpoint_manifest(out / 'checkpoints')['latest']['epoch'] == epochs
     assert {'l2', 'aux'} <= set(read_metrics(runs['l2+clip'][0] / 'metrics.jsonl')[0])
     assert r.stdout.count('distill:') == 2                                 # only the main process reports, once per run
+    assert r.stdout.count('train: 2 process(es) on cpu') == 2              # the world size is said at the start of each run
 
 
 @pytest.mark.skipif(not CIFAR.is_dir(), reason='needs ../shared/data/cifar10-photos')
