@@ -20,10 +20,10 @@ from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, cpu_threads, os_error_message)
 
 # %% auto #0
-__all__ = ['LOSS_NAMES', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'DistillConfig', 'synthetic_items',
-           'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment', 'make_scheduler',
-           'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'checkpoint_candidates',
+__all__ = ['LOSS_NAMES', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES', 'DistillConfig',
+           'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment',
+           'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state',
+           'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'checkpoint_candidates',
            'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult',
            'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches',
            'step_budget', 'probe_head', 'train', 'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher',
@@ -75,9 +75,9 @@ class DistillConfig:
 
     @classmethod
     def popp(cls, **kw) -> 'DistillConfig':
-        "Popp et al.'s feature-distillation settings: L2 loss, constant 5e-4, batch 256, no warm-up, BatchNorm statistics trained."
-        return cls(**{**dict(loss='l2', lr=5e-4, batch_size=256, schedule='constant', weight_decay=0.0, warmup=0.0,
-                             bn='train', head_lr_mult=1.0, min_steps=0), **kw})
+        "Popp et al.'s feature-distillation settings (§4): L2 loss, AdamW constant 5e-4, batch 256, 96 fine-tuning epochs, no RandAugment, BatchNorm statistics trained."
+        return cls(**{**dict(loss='l2', lr=5e-4, batch_size=256, schedule='constant', weight_decay=0.0, warmup=0.0, epochs=96,
+                             randaugment=False, bn='train', head_lr_mult=1.0, min_steps=0), **kw})
 
     def validate(self) -> 'DistillConfig':
         "Raise `SidclipError` for values no run can use; return self."
@@ -734,21 +734,21 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     return TrainResult(student, history, out, ckpt, float(np.mean(speeds)) if speeds else 0.0, cache)
 
 # %% ../nbs/10_distill.ipynb #59648dc0
-def _feature_cfg(cfg: DistillConfig | None, what: str) -> DistillConfig:
-    cfg = cfg or DistillConfig.popp()
+def _feature_cfg(cfg: DistillConfig | None, what: str, **default) -> DistillConfig:
+    cfg = cfg or DistillConfig.popp(**default)
     if not cfg.loss.startswith('l2'): raise SidclipError(f"{what} is feature distillation: use loss='l2' (or 'l2+clip'/'l2+mp'), not {cfg.loss!r}.")
     return cfg
 
 def pretrain_feature_distill(student: nn.Module,        # student with `proj` to the teacher's embedding size
                              teacher: nn.Module,        # frozen teacher returning 'embeds'
                              image_folder: str | Path,  # any unlabelled images (searched recursively)
-                             cfg: DistillConfig | None = None, # default `DistillConfig.popp()`
+                             cfg: DistillConfig | None = None, # default `DistillConfig.popp(epochs=1)`: Popp pre-train one epoch
                              transform: Callable | None = None, # default `data.train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops)`
                              **train_kw,                # passed to `train` (test_ds, teacher_cache, resume, ...)
                             ) -> TrainResult:
     "Stage 1 (Popp et al.): domain-agnostic L2 feature distillation on an unlabelled image folder."
     from sidclip_guide.data import train_transform
-    cfg = _feature_cfg(cfg, 'pretrain_feature_distill')
+    cfg = _feature_cfg(cfg, 'pretrain_feature_distill', epochs=1)
     if cfg.loss != 'l2': raise SidclipError(f"pretrain_feature_distill reads unlabelled images, but loss={cfg.loss!r} needs class labels: use loss='l2'.")
     ds = UnlabelledImageFolder(image_folder, transform or train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops))
     return train(student, teacher, ds, cfg, **train_kw)
@@ -756,7 +756,7 @@ def pretrain_feature_distill(student: nn.Module,        # student with `proj` to
 def finetune_feature_distill(student: nn.Module,       # the (pretrained) student
                              teacher: nn.Module,       # the same frozen teacher
                              manifest: str | Path,     # synthesis manifest (or its folder) of the target domain
-                             cfg: DistillConfig | None = None, # default `DistillConfig.popp()`
+                             cfg: DistillConfig | None = None, # default `DistillConfig.popp()`: 96 epochs, as Popp fine-tune
                              class_names: list[str] | None = None, # map rows to labels (needed for 'l2+clip'/'l2+mp'); None: unlabelled
                              transform: Callable | None = None, # default `data.train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops)`
                              **train_kw,               # passed to `train`
@@ -864,6 +864,7 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
     p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
+    p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
     from sidclip_guide.cli import config_arguments    # every DistillConfig field is a flag, with its comment as help
     config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True)
     p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
@@ -876,10 +877,14 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=run_distill)
     return p
 
+RECIPES = {'sidclip': DistillConfig, 'popp': DistillConfig.popp}   # `sidclip distill --recipe NAME`: the preset the flags then change
+
 def _config_from_args(a) -> DistillConfig:
     "The run's settings: the preset (`DistillConfig.tiny()` with --tiny), then every flag the user gave."
     from sidclip_guide.cli import config_from_args
-    cfg = config_from_args(DistillConfig, a, DistillConfig.tiny() if a.tiny else DistillConfig())
+    base = RECIPES[a.recipe]()
+    if a.tiny: base = replace(base, **{k: v for k, v in asdict(DistillConfig.tiny()).items() if k in ('epochs', 'min_steps', 'batch_size', 'image_size')})
+    cfg = config_from_args(DistillConfig, a, base)
     return replace(cfg, out_dir=a.out, progress=not a.quiet).validate()
 
 def _cli_resume(out: Path, resume: bool, restart: bool) -> bool:
