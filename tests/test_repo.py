@@ -63,3 +63,18 @@ def test_sidebar_lists_every_notebook_once():
     listed = [p for sec in side for p in (sec['contents'] if isinstance(sec, dict) else [sec])]
     assert sorted(listed) == sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb')), listed
     assert len(listed) == len(set(listed))
+
+def test_imports_have_their_own_cells():
+    "nbdev's docs processing runs every cell with an import: such a cell must not also use names from cells it skips."
+    import ast, json, re
+    bad = []
+    for nb in sorted((ROOT/'nbs').glob('*.ipynb')):
+        for i, c in enumerate(json.loads(nb.read_text())['cells']):
+            s = ''.join(c['source'])
+            if c['cell_type'] != 'code' or re.search(r'^\s*#\|\s*export', s, re.M): continue
+            try: tree = ast.parse('\n'.join('pass' if l.lstrip().startswith(('%', '!')) else l for l in s.splitlines()))
+            except SyntaxError: continue
+            nodes = list(ast.walk(tree))
+            if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes) and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes):
+                bad.append(f'{nb.name} cell {i}: {s.splitlines()[0][:60]}')
+    assert not bad, 'move these imports into their own cells:\n' + '\n'.join(bad)
