@@ -157,10 +157,10 @@ def add_predict_parser(sub) -> argparse.ArgumentParser:
 
 def _predict_cmd(args: argparse.Namespace) -> int:
     "Run `sidclip predict` from parsed arguments; 1 when some images could not be read."
-    from sidclip_guide.serve import load_classifier, list_images, predict, format_predictions
+    from sidclip_guide.serve import load_classifier, list_images, predict, format_predictions, IMAGE_EXTS
     if args.top < 1 or args.batch_size < 1: raise SidclipError(f"--top {args.top} and --batch-size {args.batch_size} must be at least 1.")
     paths = list_images(args.images)
-    if not paths: raise SidclipError(f"No images in {' '.join(args.images)}: pass image files, or folders holding {', '.join(('.jpg', '.png'))} ... files.")
+    if not paths: raise SidclipError(f"No images in {' '.join(args.images)}: pass image files, or folders holding {' '.join(IMAGE_EXTS)} files.")
     rows = predict(load_classifier(args.model, args.threads), paths, args.top, args.batch_size)
     text = format_predictions(rows, args.format)
     if args.out: atomic_write_text(args.out, text)

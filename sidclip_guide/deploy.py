@@ -5,7 +5,7 @@
 # %% ../nbs/13_deploy.ipynb #2163e975
 from __future__ import annotations
 import io, json, tempfile, contextlib
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +151,13 @@ def _real_images(items, image_size: int, n: int) -> np.ndarray:
         if len(out) == n: break
     return np.stack(out) if out else np.zeros((0, 3, image_size, image_size), np.float32)
 
-def _top1(fn, items, image_size: int, batch_size: int) -> tuple[float, np.ndarray]:
-    "Top-1 accuracy of `fn` (images -> logits) on labelled (path, label) items, and its predictions."
-    pred = np.concatenate([fn(_real_images(items[i:i + batch_size], image_size, batch_size)).argmax(1) for i in range(0, len(items), batch_size)])
-    return float((pred == np.array([y for _, y in items])).mean()), pred
+def _predictions(fns, items, image_size: int, batch_size: int) -> list[np.ndarray]:
+    "Top-1 predictions of each function (images -> logits) on (path, label) items; each image is read and preprocessed once."
+    preds = [[] for _ in fns]
+    for i in range(0, len(items), batch_size):
+        x = np.stack([preprocess(read_image(p), image_size) for p, _ in items[i:i + batch_size]])   # an unreadable test photo is an error, not a gap
+        for out, fn in zip(preds, fns): out.append(fn(x).argmax(1))
+    return [np.concatenate(p) for p in preds]
 
 # %% ../nbs/13_deploy.ipynb #b900b8f1
 def export_run(run_dir,                       # a `sidclip distill` run folder (student.safetensors + student.json)
@@ -188,13 +191,15 @@ def export_run(run_dir,                       # a `sidclip distill` run folder (
 def _int8_report(student, fp32_path, dst, split, real, cfg: ExportConfig, log) -> dict:
     "Quantize `fp32_path`, then score fp32 and int8 on the split's test photos (agreement only, on `real`, without labels)."
     S = student.image_size
-    calib = _real_images(split.shots() if split else [], S, cfg.calibration_images) if split else real
-    q = quantize_int8(fp32_path, dst, calib if len(calib) else real, cfg.batch_size // 4 or 1, cfg.int8_format)
+    calib = _real_images(split.shots(), S, cfg.calibration_images) if split else real
+    if not len(calib): calib = real
+    q = quantize_int8(fp32_path, dst, calib, cfg.batch_size // 4 or 1, cfg.int8_format)
     f32, i8 = OnnxClassifier(fp32_path).logits, OnnxClassifier(q).logits
-    rep = {'file': str(q), 'bytes': q.stat().st_size, 'calibration_images': int(len(calib) or len(real))}
+    rep = {'file': str(q), 'bytes': q.stat().st_size, 'calibration_images': len(calib)}
     test = split.test_items() if split else []
     if test:
-        (a32, p32), (a8, p8) = _top1(f32, test, S, cfg.batch_size), _top1(i8, test, S, cfg.batch_size)
+        p32, p8 = _predictions((f32, i8), test, S, cfg.batch_size)
+        y = np.array([label for _, label in test]); a32, a8 = float((p32 == y).mean()), float((p8 == y).mean())
         rep.update(test_images=len(test), top1_fp32=a32, top1_int8=a8, top1_change=a8 - a32, top1_agreement=float((p32 == p8).mean()))
         log(f"{q.name}: test top-1 {100 * a32:.1f} % (fp32) -> {100 * a8:.1f} % (int8), {100 * (a8 - a32):+.1f} points; "
             f"agreement {100 * rep['top1_agreement']:.1f} % on {len(test)} test photos")

@@ -20,7 +20,7 @@ from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, cpu_threads, os_error_message)
 
 # %% auto #0
-__all__ = ['LOSS_NAMES', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES', 'DistillConfig',
+__all__ = ['LOSS_NAMES', 'TINY', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES', 'DistillConfig',
            'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment',
            'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state',
            'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'checkpoint_candidates',
@@ -33,6 +33,8 @@ __all__ = ['LOSS_NAMES', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FIL
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')   # the keys of the `LOSSES` registry (below)
 _NO_EFFECT = ('device', 'progress', 'num_workers', 'out_dir', 'eval_every', 'save_every', 'keep')  # fields a resume may change
+
+TINY = dict(epochs=2, min_steps=0, batch_size=8, image_size=32)   # what `--tiny` changes in any recipe: tiny offline models, a smoke run
 
 @dataclass
 class DistillConfig:
@@ -71,7 +73,7 @@ class DistillConfig:
     @classmethod
     def tiny(cls, **kw) -> 'DistillConfig':
         "Smoke-test settings for tiny offline models (`sidclip distill --tiny`): 32 px, batch 8, two epochs, no step floor."
-        return cls(**{**dict(epochs=2, min_steps=0, batch_size=8, image_size=32), **kw})
+        return cls(**{**TINY, **kw})
 
     @classmethod
     def popp(cls, **kw) -> 'DistillConfig':
@@ -604,9 +606,9 @@ def _resolve_cache(teacher_cache, teacher, cfg: DistillConfig):
     if not cfg.needs_teacher or cfg.aug_pool == 0 or not isinstance(teacher, Teacher): return None
     return TeacherCache(teacher, fields=('logits',) if cfg.loss == 'kd' else ('embeds',))
 
-def _resume_from(first: Path, candidates: list, cfg: DistillConfig, student, opt, sched, log=print) -> dict:
-    "Load the newest checkpoint that reads (a truncated one is skipped, and said so); a changed config still refuses."
-    for i, path in enumerate(candidates or [first]):
+def _resume_from(candidates: list, cfg: DistillConfig, student, opt, sched, log=print) -> dict:
+    "Load the first of `candidates` (newest first) that reads (a truncated one is skipped, and said so); a changed config still refuses."
+    for i, path in enumerate(candidates):
         try:
             meta = json.loads(path.with_suffix('.json').read_text())
             _check_resume_config(meta.get('config', {}), cfg, path.parent)
@@ -616,7 +618,7 @@ def _resume_from(first: Path, candidates: list, cfg: DistillConfig, student, opt
         except SidclipError: raise
         except Exception as e:
             log(f"Checkpoint {path.name} cannot be read ({type(e).__name__}: {str(e)[:100]}); trying the one before.")
-    raise SidclipError(f"No checkpoint in {first.parent} can be read: start over with --restart (or a new --out).")
+    raise SidclipError(f"No checkpoint in {candidates[0].parent} can be read: start over with --restart (or a new --out).")
 
 def _check_resume_config(old: dict, cfg: DistillConfig, where) -> None:
     "Raise unless the checkpoint's config equals `cfg` in every field that changes the result."
@@ -678,7 +680,7 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     # -- resume: weights, optimizer, schedule, scaler and every RNG, after checking the settings are the same
     start, gstep = 0, 0
     if ckpt_path is not None:
-        meta = _resume_from(ckpt_path, checkpoint_candidates(ckdir) if resume is True else [ckpt_path], cfg, student, opt, sched, acc.print)
+        meta = _resume_from(checkpoint_candidates(ckdir) if resume is True else [ckpt_path], cfg, student, opt, sched, acc.print)
         start, gstep = meta['epoch'], meta.get('global_step', 0)
         if meta.get('scaler'): scaler.load_state_dict(meta['scaler'])
         if log and acc.is_main_process and meta.get('metrics') and start not in {r['epoch'] for r in read_jsonl(log)}:
@@ -882,9 +884,7 @@ RECIPES = {'sidclip': DistillConfig, 'popp': DistillConfig.popp}   # `sidclip di
 def _config_from_args(a) -> DistillConfig:
     "The run's settings: the preset (`DistillConfig.tiny()` with --tiny), then every flag the user gave."
     from sidclip_guide.cli import config_from_args
-    base = RECIPES[a.recipe]()
-    if a.tiny: base = replace(base, **{k: v for k, v in asdict(DistillConfig.tiny()).items() if k in ('epochs', 'min_steps', 'batch_size', 'image_size')})
-    cfg = config_from_args(DistillConfig, a, base)
+    cfg = config_from_args(DistillConfig, a, RECIPES[a.recipe](**(TINY if a.tiny else {})))
     return replace(cfg, out_dir=a.out, progress=not a.quiet).validate()
 
 def _cli_resume(out: Path, resume: bool, restart: bool) -> bool:

@@ -16,7 +16,7 @@ from .synthesize import MixSpec, PromptSpec, GenRequest, cond_from_dict
 from .prompts import PromptConfig, build_prompts, text_prompts, builtin_config, load_dimensions
 
 # %% auto #0
-__all__ = ['MANIFEST', 'GENERATORS', 'NoiseGenerator', 'class_shots', 'plan_items', 'item_file', 'manifest_record',
+__all__ = ['N_PER_CLASS', 'MANIFEST', 'GENERATORS', 'NoiseGenerator', 'class_shots', 'plan_items', 'item_file', 'manifest_record',
            'read_manifest', 'retry_attempt', 'run_generation', 'merge_manifests', 'run_sharded', 'SyntheticDataset',
            'plot_sample_grid', 'make_generator', 'add_synth_parser', 'run_synth', 'main', 'demo_synth']
 
@@ -64,9 +64,11 @@ def class_shots(src,                     # a `FewShotSplit`, {class: [shot paths
         return {c: [] for c in src}
     raise SidclipError(f"Can't read classes from {type(src).__name__}: pass a FewShotSplit, a {{class: [shot paths]}} dict or a list of class names.")
 
+N_PER_CLASS = 300   # SIDCLIP's synthetic images per class: the default count of 'mix' and 'text' modes
+
 def plan_items(split_or_classes,               # a `FewShotSplit`, {class: [shot paths]}, or [class names]
                mode: str = 'mix',               # 'mix' (SIDCLIP Kandinsky mixtures), 'prompt' (diversified prompts), 'text' ('a photo of a {c}')
-               n_per_class: int | None = 300,   # images per class; None: 300 for 'mix', one per covering row for 'prompt' (Popp: 265 / 1,011)
+               n_per_class: int | None = N_PER_CLASS, # images per class; None: N_PER_CLASS, but one per covering row for 'prompt' (Popp: 265 / 1,011)
                seed: int = 0,                   # base seed of the whole run
                prompt_cfg: PromptConfig | None = None, # dimensions for 'prompt' mode (default: built-in 'generic')
                shots_k: int | None = None,      # shots per class mixed in ('mix' mode)
@@ -79,10 +81,10 @@ def plan_items(split_or_classes,               # a `FewShotSplit`, {class: [shot
     for c, shots in class_shots(split_or_classes, shots_k).items():
         if mode == 'mix':
             from sidclip_guide.synthesize import draw_mix_specs
-            conds = draw_mix_specs(c, shots, n_per_class or 300, stable_seed(seed, c, 'mix'), schedule=schedule)
+            conds = draw_mix_specs(c, shots, n_per_class or N_PER_CLASS, stable_seed(seed, c, 'mix'), schedule=schedule)
         else:
             ps = build_prompts(c, prompt_cfg or builtin_config('generic', seed=seed)) if mode == 'prompt' else text_prompts(c)
-            conds = [ps[i % len(ps)] for i in range(n_per_class or (len(ps) if mode == 'prompt' else 300))]
+            conds = [ps[i % len(ps)] for i in range(n_per_class or (len(ps) if mode == 'prompt' else N_PER_CLASS))]
         reqs += [GenRequest(f'{slugify(c)}-{i:05d}', cond, stable_seed(seed, c, i)) for i, cond in enumerate(conds)]
     return reqs
 

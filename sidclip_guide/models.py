@@ -289,7 +289,8 @@ class ImageEncoder(nn.Module):
             raise SidclipError(f"Unknown timm model {name!r}. Close matches: {close or 'none'} (see timm.list_models()).")
         local = isinstance(pretrained, (str, Path))
         try:
-            with hub_offline(is_offline(None)): m = timm.create_model(name, pretrained=bool(pretrained) and not local, num_classes=0, **kwargs)
+            hub = bool(pretrained) and not local          # only then is the network (and its probe in is_offline) involved
+            with hub_offline(hub and is_offline(None)): m = timm.create_model(name, pretrained=hub, num_classes=0, **kwargs)
         except (RuntimeError, OSError) as e:
             raise SidclipError(f"Could not load timm {name!r} weights ({str(e).splitlines()[0][:300]}). Offline? Download them where there "
                                f"is network and pass pretrained='/path/to/model.safetensors', or pretrained=False.") from None

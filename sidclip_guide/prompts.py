@@ -19,10 +19,10 @@ __all__ = ['BUILTIN_DIMENSIONS', 'DEFAULT_LLM', 'weighted_name', 'ContextDimensi
            'build_prompts', 'text_prompts']
 
 # %% ../nbs/05_prompts.ipynb #8e40334d
-def weighted_name(name: str,     # class name
-                  weight: float, # compel weight; 1.0 leaves the name unweighted
+def weighted_name(name: str,     # a class name or prompt phrase
+                  weight: float, # compel weight; 1.0 leaves it unweighted
                  ) -> str:
-    "The class name in compel syntax, e.g. `(daisy)1.5`."
+    "A class name or phrase in compel syntax, e.g. `(daisy)1.5`; weight 1 leaves it as is."
     esc = name.replace('\\', '\\\\').replace('(', '\\(').replace(')', '\\)')
     return esc if weight == 1 else f'({esc}){weight:g}'
 

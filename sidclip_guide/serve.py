@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .utils import SidclipError
+from .utils import SidclipError, require
 
 # %% auto #0
 __all__ = ['META_KEY', 'IMAGE_EXTS', 'PREDICTION_FORMATS', 'model_card', 'preprocess', 'read_image', 'list_images',
@@ -70,7 +70,7 @@ class OnnxClassifier:
                  threads: int | None = None,   # ONNX Runtime intra-op threads (None: its default)
                  providers: Sequence[str] = ('CPUExecutionProvider',), # e.g. ('CUDAExecutionProvider', 'CPUExecutionProvider')
                 ):
-        ort, self.path = _onnxruntime(), Path(path)
+        ort, self.path = require('onnxruntime', 'deploy'), Path(path)
         if not self.path.is_file(): raise SidclipError(f"{self.path} does not exist: pass the .onnx file `sidclip export` wrote.")
         so = ort.SessionOptions()
         if threads: so.intra_op_num_threads = int(threads)
@@ -83,12 +83,6 @@ class OnnxClassifier:
     def logits(self, images: np.ndarray) -> np.ndarray:
         "Logits (B, C) of a float32 batch (B, 3, S, S) in [0, 1]."
         return self.session.run([self.card['output']], {self.card['input']: np.ascontiguousarray(images, dtype=np.float32)})[0]
-
-def _onnxruntime():
-    "Import onnxruntime, or say how to install it."
-    try: import onnxruntime
-    except ImportError: raise SidclipError("ONNX Runtime is not installed: pip install onnxruntime (or sidclip-guide[deploy]).") from None
-    return onnxruntime
 
 # %% ../nbs/12_serve.ipynb #2674c666
 def top_k(logits: np.ndarray,          # (B, C) logits

@@ -282,12 +282,12 @@ def _looks_local(s: str) -> bool:
 def from_pretrained_or_fail(cls,                 # a diffusers/transformers class with `from_pretrained`
                             id_or_path: str,     # hub id (e.g. 'kandinsky-community/kandinsky-2-2-prior') or local folder
                             what: str,           # human name for the message, e.g. 'Kandinsky 2.2 prior'
-                            local_files_only: bool | None = None, # None: local files only when HF_HUB_OFFLINE or SIDCLIP_OFFLINE is set
+                            local_files_only: bool | None = None, # None: local files only when offline (`models.is_offline`: the variables, or no hub)
                             hint: str = '',      # how to pass a local folder, e.g. "KandinskyConfig(prior_id='/path')"
                             **kw,                # passed to `from_pretrained` (torch_dtype, variant, ...)
                            ):
     "`cls.from_pretrained(id_or_path)` with a `SidclipError` naming the model and the fix on failure."
-    from sidclip_guide.models import is_offline   # one offline rule for the project (HF_HUB_OFFLINE or SIDCLIP_OFFLINE)
+    from sidclip_guide.models import is_offline   # one offline rule for the project (the variables, or the hub unreachable)
     local_files_only = is_offline(local_files_only)
     fix = (f"Download it once where there is internet (`huggingface-cli download {id_or_path} --local-dir <folder>`) "
            f"and pass that folder{(' as ' + hint) if hint else ''}.")
