@@ -27,8 +27,8 @@ __all__ = ['LOSS_NAMES', 'TINY', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STU
            'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult',
            'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches',
            'step_budget', 'probe_head', 'train', 'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher',
-           'make_student', 'save_student', 'load_student', 'add_distill_parser', 'run_distill', 'distill_main',
-           'demo_distill']
+           'make_student', 'TeacherConfig', 'teacher_head', 'build_teacher', 'save_student', 'load_student',
+           'add_distill_parser', 'run_distill', 'distill_main']
 
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')   # the keys of the `LOSSES` registry (below)
@@ -57,6 +57,7 @@ class DistillConfig:
     randaugment_ops: int = 2         # RandAugment operations per image (SIDCLIP paper: 6; library's choice: 2)
     aug_pool: int = 16               # n: cycle n augmentation draws per image, so teacher outputs are cached; 0: fresh draws every epoch
     use_synthetic: bool = True       # add the synthetic images to the real shots (ablation switch)
+    synthetic_per_class: int | None = None  # use at most this many synthetic images per class, the first of the pool (SIDCLIP Fig. 3: 100/200 of 300); None: all
     init: str = 'text'               # student head init: 'text' (SIDCLIP Initialize) or 'none' (standalone timm ablation)
     amp: str = 'no'                  # mixed precision: 'no', 'bf16' or 'fp16' (fp16 only on CUDA)
     channels_last: bool = True       # NHWC memory format for student and teacher (faster for CNNs on CUDA and CPU)
@@ -92,6 +93,7 @@ class DistillConfig:
             if getattr(self, k) not in ok: bad(k, f"is unknown: use one of {ok}.")
         for k in ('epochs', 'batch_size', 'image_size'):
             if getattr(self, k) < 1: bad(k, "must be >= 1.")
+        if self.synthetic_per_class is not None and self.synthetic_per_class < 0: bad('synthetic_per_class', "must be >= 0 (None: every synthetic image).")
         for k in ('min_steps', 'aug_pool', 'save_every', 'keep', 'eval_every', 'num_workers', 'randaugment_ops'):
             if getattr(self, k) < 0: bad(k, "must be >= 0.")
         if not self.lr > 0: bad('lr', "must be > 0 (e.g. 3e-4).")
@@ -117,12 +119,15 @@ def _read_manifest_rows(manifest: str | Path, # a manifest.jsonl file or the syn
 def synthetic_items(manifest: str | Path,  # manifest.jsonl (or its folder) of generated images
                     class_names: list[str], # the split's classes; rows are mapped to these labels by `class_name`
                     check_files: bool = True, # raise if a listed file is missing
+                    per_class: int | None = None, # keep at most this many images per class, the first in item order (None: all)
                    ) -> list[tuple[Path, int]]:
-    "(absolute path, label) for every image of a synthesis manifest."
+    "(absolute path, label) for the images of a synthesis manifest."
     rows, root = _read_manifest_rows(manifest)
     idx = {c: i for i, c in enumerate(class_names)}
-    items, missing = [], []
+    items, missing, seen = [], [], {}
     for r in rows:
+        seen[r.get('class_name')] = n = seen.get(r.get('class_name'), 0) + 1
+        if per_class is not None and n > per_class: continue
         if 'file' not in r: raise SidclipError(f"Manifest row {r} has no 'file' field: is {manifest} a synthesis manifest?")
         c = r.get('class_name')
         if c not in idx: raise SidclipError(f"Manifest row {r['file']} has class_name={c!r}, which is not in the split's classes {class_names[:5]}...: use the manifest generated for this split.")
@@ -138,11 +143,12 @@ def build_distill_dataset(split,                   # a `FewShotSplit`
                           manifest: str | Path | None = None, # synthesis manifest for these shots (or None)
                           use_synthetic: bool = True, # include the synthetic images (ablation switch)
                           transform: Callable | None = None, # image transform returning [0,1] tensors
+                          synthetic_per_class: int | None = None, # at most this many synthetic images per class (None: the whole pool)
                          ) -> Dataset:
     "The distillation set: the split's k real shots ∪ their synthetic images."
     from sidclip_guide.data import ImageListDataset
     items = [(Path(p), int(y)) for p, y in split.shots(k)]
-    if use_synthetic and manifest is not None: items += synthetic_items(manifest, split.class_names)
+    if use_synthetic and manifest is not None: items += synthetic_items(manifest, split.class_names, per_class=synthetic_per_class)
     if not items: raise SidclipError(f"The distillation set is empty (k={k}, manifest={manifest}): use k >= 1 or pass a manifest with synthetic images.")
     return ImageListDataset(items, transform)
 
@@ -797,9 +803,11 @@ def make_student(class_names: list[str],   # classes in label order
                  category: str = 'object', # category word for the head prompts
                  text_bundle=None,         # for 'l2*' losses: the teacher's `ClipBundle`, whose text embeddings then classify the projection
                  encoder=None,             # init='none': this `ImageEncoder` as the network (e.g. `student.lite_image_encoder('lite0')`)
+                 config=None,              # a `student.StudentConfig`: replaces clip_name/pretrained/timm_name and sets the head and text options
                 ) -> nn.Module:
     "The student of a run: text-initialised small CLIP (`init='text'`) or standalone timm (`init='none'`)."
     from sidclip_guide.student import StudentConfig, build_student, timm_student, STUDENT_CLIP
+    if config is not None: clip_name, pretrained, timm_name = config.clip_name, config.pretrained, config.timm_name
     feat = cfg.loss.startswith('l2')
     proj = teacher_dim if feat else None
     if feat and proj is None: raise SidclipError(f"loss={cfg.loss!r} compares embeddings with the teacher's: pass teacher_dim (the teacher's embed_dim).")
@@ -807,12 +815,47 @@ def make_student(class_names: list[str],   # classes in label order
     if cfg.init == 'none':   # pretrained: a local weights file is passed on as is (True would go to the hub)
         st = timm_student(timm_name, class_names, pretrained=pretrained or False, proj_dim=proj, image_size=cfg.image_size, encoder=encoder)
     elif encoder is not None: raise SidclipError("make_student(encoder=...) builds the standalone student: use DistillConfig(init='none'), or pass clip_name for a small CLIP.")
-    else: st = build_student(StudentConfig(clip_name or STUDENT_CLIP, pretrained, timm_name=timm_name, proj_dim=proj), class_names, category,
+    else: st = build_student(replace(config or StudentConfig(clip_name or STUDENT_CLIP, pretrained, timm_name=timm_name), proj_dim=proj), class_names, category,
                              text_bundle=text_bundle if feat else None)
     if encoder is None:      # what `save_student`/`Student.save_pretrained` write so that `load_student` rebuilds it
         st.spec = dict(clip_name=clip_name or STUDENT_CLIP, timm_name=timm_name, teacher_dim=teacher_dim, category=category,
                        init=cfg.init, loss=cfg.loss, image_size=cfg.image_size)
     return st
+
+# %% ../nbs/10_distill.ipynb #4f93313a
+@dataclass
+class TeacherConfig:
+    "Which teacher a run distils from, and how its head is fitted on the shots."
+    name: str = 'ViT-L-14'            # open_clip name (SIDCLIP: ViT-L/14), 'hf-hub:org/repo', 'local-dir:PATH', or 'timm:NAME' for any timm network
+    pretrained: str | None = 'openai' # open_clip weights tag or file (None: random); with timm:NAME a local weights file ('openai': the hub's weights)
+    by_position: bool = False         # timm teacher: load a weights file whose tensor names differ, matching by order and shape
+    head_epochs: int = 100            # full-batch steps of the CLIP head fit on the shots (0: keep the zero-shot head)
+
+def teacher_head(teacher) -> dict:
+    "The fitted part of a `Teacher` (head weight, bias, logit scale) as CPU tensors: what a run saves."
+    return {'weight': teacher.head.weight.detach().cpu().clone(), 'bias': teacher.head.bias.detach().cpu().clone(),
+            'logit_scale': teacher.logit_scale.detach().cpu().reshape(1).clone()}
+
+def build_teacher(cfg: TeacherConfig,   # which teacher
+                  split,                # a `FewShotSplit`: classes, category, shots
+                  k: int,               # shots per class for the head fit
+                  device=None,          # where the teacher runs (None: the best available)
+                  seed: int = 0,        # seeds random (tiny) weights and the probe's solver
+                  head: dict | None = None, # a saved `teacher_head`: use it instead of fitting
+                 ) -> tuple:
+    "The teacher a `TeacherConfig` names with its head fitted on the split's k shots (or `head`); returns (its `ClipBundle` or None, the `Teacher`)."
+    from sidclip_guide.models import load_clip, ImageEncoder
+    from sidclip_guide.teacher import Teacher
+    dev = str(get_device(device)); torch.manual_seed(seed)   # a random-weight (tiny) teacher is the same on every run, so a resume matches
+    if cfg.name.startswith('timm:'):
+        if k < 1 and head is None: raise SidclipError("A timm teacher has no zero-shot head: its head is fitted on the shots, so use k >= 1.")
+        enc = ImageEncoder.from_timm(cfg.name[5:], pretrained=True if cfg.pretrained == 'openai' else cfg.pretrained, by_position=cfg.by_position).to(dev)
+        if head is None: return None, Teacher.from_encoder(enc, split.class_names, split.shots(k), seed=seed)
+        return None, Teacher(enc, head['weight'], split.class_names, float(head['logit_scale']), head['bias']).to(dev)
+    bundle = load_clip(cfg.name, cfg.pretrained, device=dev)
+    teacher = make_teacher(bundle, split, 0 if head is not None else k, cfg.head_epochs)
+    if head is not None: teacher.set_head(head['weight'], head['bias'], float(head['logit_scale']))
+    return bundle, teacher
 
 # %% ../nbs/10_distill.ipynb #e840091f
 STUDENT_FILES = ('student.safetensors', 'student.json')
@@ -859,15 +902,14 @@ def add_distill_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--split', help='few-shot split JSON (from save_split); optional with --tiny')
     p.add_argument('--k', type=int, default=None, help="real shots per class (default: the split's k)")
     p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) of synthetic images')
-    p.add_argument('--teacher', default='ViT-L-14', help="teacher: open_clip name, 'hf-hub:...', a local CLIP path, or timm:NAME for any timm network (default ViT-L-14)")
-    p.add_argument('--teacher-pretrained', default='openai', help='teacher weights tag or file (default openai); with timm:NAME a local weights file')
-    p.add_argument('--teacher-by-position', action='store_true', help='timm teacher: load a weights file whose tensor names differ by order and shape')
-    p.add_argument('--teacher-head-epochs', type=int, default=100, help='steps of the teacher head fit on the shots (0: zero-shot head)')
+    from sidclip_guide.cli import config_arguments    # every TeacherConfig and DistillConfig field is a flag, with its comment as help
+    config_arguments(p, TeacherConfig, prefix='teacher.', given_only=True, aliases={f'teacher.{f}': [f'--teacher-{f}'.replace('_', '-') if f != 'name' else '--teacher']
+                                                                                 for f in ('name', 'pretrained', 'by_position', 'head_epochs')})
     p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
     p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
     p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
-    from sidclip_guide.cli import config_arguments    # every DistillConfig field is a flag, with its comment as help
+    p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
     config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True)
     p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
     p.add_argument('--out', required=True, help='run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)')
@@ -883,8 +925,8 @@ RECIPES = {'sidclip': DistillConfig, 'popp': DistillConfig.popp}   # `sidclip di
 
 def _config_from_args(a) -> DistillConfig:
     "The run's settings: the preset (`DistillConfig.tiny()` with --tiny), then every flag the user gave."
-    from sidclip_guide.cli import config_from_args
-    cfg = config_from_args(DistillConfig, a, RECIPES[a.recipe](**(TINY if a.tiny else {})))
+    from sidclip_guide.cli import config_from_args, config_file_base
+    cfg = config_from_args(DistillConfig, a, config_file_base(DistillConfig, getattr(a, 'config', None), RECIPES[a.recipe](**(TINY if a.tiny else {}))))
     return replace(cfg, out_dir=a.out, progress=not a.quiet).validate()
 
 def _cli_resume(out: Path, resume: bool, restart: bool) -> bool:
@@ -913,21 +955,14 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=cfg.seed)
     else: raise SidclipError("sidclip distill needs --split SPLIT.json (or --tiny for an offline smoke run).")
     k = split.k if args.k is None else args.k
-    tname, tpre = (TINY_CLIP, None) if args.tiny else (args.teacher, args.teacher_pretrained)
-    torch.manual_seed(cfg.seed)            # a random-weight (--tiny) teacher is the same teacher on every run, so a resume matches
-    if tname.startswith('timm:'):          # any timm network (hub weights, or a local file): its head is the library's probe on the shots
-        from sidclip_guide.models import ImageEncoder
-        from sidclip_guide.teacher import Teacher
-        if k < 1: raise SidclipError("A timm teacher has no zero-shot head: its head is fitted on the shots, so use --k 1 or more.")
-        enc = ImageEncoder.from_timm(tname[5:], pretrained=True if tpre == 'openai' else tpre, by_position=args.teacher_by_position)
-        tbundle, teacher = None, Teacher.from_encoder(enc.to(get_device(cfg.device)), split.class_names, split.shots(k), seed=cfg.seed)
-    else:
-        tbundle = load_clip(tname, tpre, device=str(get_device(cfg.device)))
-        teacher = make_teacher(tbundle, split, k, args.teacher_head_epochs)
+    from sidclip_guide.cli import config_from_args
+    tcfg = config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.')
+    tbundle, teacher = build_teacher(tcfg, split, k, cfg.device, cfg.seed)
     student = make_student(split.class_names, cfg, TINY_STUDENT if args.tiny else args.student, args.student_pretrained,
                            TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
                            teacher.embed_dim, split.category, text_bundle=tbundle)
-    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops))
+    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops),
+                               cfg.synthetic_per_class)
     test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
     resume = _cli_resume(out, args.resume, args.restart)
     res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
@@ -954,48 +989,6 @@ def distill_main(argv: list[str] | None = None, # arguments after `distill` (def
         print(f'sidclip distill: error: {e}', file=sys.stderr); return 2
     except OSError as e:
         print(f'sidclip distill: error: {os_error_message(e)}', file=sys.stderr); return 2
-
-# %% ../nbs/10_distill.ipynb #02788b9b
-def demo_distill(ctx,               # a `DemoContext` with artifacts 'split', 'teacher_bundle' (and optionally 'manifest')
-                 epochs: int = 10,  # epochs per ablation run (4 steps each: 16 shots, batch 4)
-                ) -> None:
-    "Distill stage of `sidclip demo`: teacher head fit and the ENB0 / +D / +I+D / +S+I+D ladder on tiny models."
-    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG
-    from sidclip_guide.teacher import TeacherCache
-    from sidclip_guide.data import train_transform, eval_transform, ImageListDataset
-    split, bundle = ctx.artifacts.get('split'), ctx.artifacts.get('teacher_bundle')
-    if split is None or bundle is None: raise SidclipError("demo_distill needs ctx.artifacts['split'] and ['teacher_bundle']: run the evaluate stage first.")
-    manifest, k, out = ctx.artifacts.get('manifest'), ctx.artifacts.get('k', split.k), Path(ctx.out)
-    with cpu_threads(ctx.device, 1):   # tiny models: one thread beats two contending ones
-        teacher = make_teacher(bundle, split, k, head_epochs=50)
-        cache = TeacherCache(teacher)
-        test_ds = ImageListDataset(split.test_items(), eval_transform(32))
-        t_top1 = evaluate_top1(teacher, test_ds)
-        ctx.add_row(stage='distill', method='teacher (head fit on shots)', metric='top1', value=round(t_top1, 4))
-        base = DistillConfig(epochs=epochs, min_steps=0, batch_size=4, lr=3e-3, image_size=32, device=ctx.device, seed=ctx.seed, progress=False)
-        timm_name = TINY_STUDENT_CFG['vision_cfg']['timm_model_name']
-        ladder = [('ENB0', 'ce', 'none', False), ('+D', 'kd', 'none', False), ('+I+D', 'kd', 'text', False)]
-        if manifest is not None: ladder.append(('+S+I+D', 'kd', 'text', True))
-        results = {}
-        for name, loss, init, syn in ladder:
-            cfg = replace(base, loss=loss, init=init, use_synthetic=syn, out_dir=str(out/'distill'/name.replace('+', 'p')))
-            ds = build_distill_dataset(split, k, manifest if syn else None, syn, train_transform(32))
-            st = make_student(split.class_names, cfg, TINY_STUDENT, None, timm_name, teacher.embed_dim, split.category)
-            r = train(st, teacher, ds, cfg, test_ds=test_ds, teacher_cache=cache)
-            results[name] = (r, len(ds))
-            ctx.add_row(stage='distill', method=name, metric='top1', value=round(r.history[-1]['test_top1'], 4))
-        last = ladder[-1][0]
-        plot_metrics(Path(results[last][0].out_dir)/'metrics.jsonl', out/'distill_metrics.png'); ctx.plots.append('distill_metrics.png')
-        ctx.artifacts.update(student=results[last][0].student, teacher=teacher, distill_runs={n: str(r.out_dir) for n, (r, _) in results.items()})
-        rows = '\n'.join(f"| {n} | {l} | {i} | {s} | {results[n][1]} | {results[n][0].history[-1]['test_top1']:.3f} |" for n, l, i, s in ladder)
-        ctx.add_section('Distill', f"""Teacher: tiny CLIP image tower with its zero-shot head fine-tuned on the {k} real shots per class (test top-1 {t_top1:.3f}). Student: `{timm_name}` tower at 32 px,
-{epochs} epochs each, AdamW + cosine, RandAugment, checkpoints and metrics under `distill/`. Teacher cache: {cache.hits} hits / {cache.misses} misses.
-
-| run | loss | init | synthetic | images | test top-1 |
-|---|---|---|---|---|---|
-{rows}
-
-`ENB0` is the standalone timm network trained with CE on the shots; `+D` adds Hinton KD (α = {base.alpha}, T = {base.T}, the library's defaults); `+I` initialises the head from text embeddings of "A photo of {{class}}."; `+S` adds the synthetic images. Curves of the last run: `distill_metrics.png`.""")
 
 # %% ../nbs/10_distill.ipynb #29b522e3
 if __name__ == '__main__' and Path(globals().get('__file__', '')).stem == 'distill':

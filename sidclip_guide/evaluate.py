@@ -23,7 +23,7 @@ from .data import (FewShotSplit, ImageListDataset, eval_transform, load_split, s
 __all__ = ['TEMPLATES', 'resolve_templates', 'zero_shot_weights', 'zero_shot_logits', 'extract_features', 'LinearProbe',
            'linear_probe', 'accuracy', 'per_class_accuracy', 'confusion_matrix', 'save_figure', 'plot_confusion',
            'results_table', 'to_markdown', 'save_results', 'evaluate_zero_shot', 'evaluate_linear_probe',
-           'add_eval_parser', 'run_eval', 'demo_eval']
+           'add_eval_parser', 'run_eval']
 
 # %% ../nbs/03_evaluate.ipynb #02e42316
 TEMPLATES = {
@@ -419,33 +419,3 @@ def run_eval(args: argparse.Namespace) -> int:
     save_results(df, out)
     print(to_markdown(df))
     return 0
-
-# %% ../nbs/03_evaluate.ipynb #943523d2
-def demo_eval(ctx, # a `DemoContext`
-              k: int = 4, # shots per class
-             ) -> None:
-    "Toy data, a k-shot split, the tiny teacher CLIP, and its zero-shot and linear-probe baselines."
-    data = make_toy_dataset(ctx.out/'data', n_classes=4, n_per_class=24 if ctx.fast else 60, seed=ctx.seed)
-    split = make_fewshot_split(data, k=k, seed=ctx.seed, n_val_per_class=2)
-    split_path = save_split(split, ctx.out/'split.json')
-    seed_everything(ctx.seed)
-    bundle = load_clip(TINY_CLIP, device=get_device(ctx.device))
-    zs = evaluate_zero_shot(bundle, split, 'simple', ctx.device, progress=False)
-    lp = evaluate_linear_probe(ImageEncoder.from_open_clip(bundle), split, k, ctx.device, seed=ctx.seed, progress=False)
-    ctx.artifacts.update(data_root=str(data.root), data_info=data, split=split, split_path=str(split_path), teacher_bundle=bundle,
-                         class_names=list(split.class_names), teacher_probe=lp['probe'])
-    for r in (zs, lp): ctx.add_row(stage='evaluate', method=r['method'], metric='top1', value=r['top1'])
-    plot_confusion(lp['y_true'], lp['y_pred'], split.class_names, ctx.out/'eval_confusion.png', title='tiny CLIP linear probe')
-    ctx.plots.append('eval_confusion.png')
-    ctx.add_section('Evaluate: teacher baselines', f"""
-Toy dataset: {len(split.class_names)} classes ({', '.join(split.class_names)}), {k} shots per class (seed {split.seed}), {len(split.test)} test images.
-The teacher here is the tiny *randomly initialised* CLIP `{TINY_CLIP}`, so its zero-shot accuracy is about chance
-({1/len(split.class_names):.2f}); a linear probe on its frozen image features still separates the coloured shapes.
-
-| method | top-1 |
-|:---|---:|
-| zero-shot ('a photo of a {{c}}.') | {zs['top1']:.3f} |
-| linear probe on {k} shots (C={lp['C']:g}) | {lp['top1']:.3f} |
-
-![confusion](eval_confusion.png)
-""")

@@ -16,9 +16,10 @@ from .synthesize import MixSpec, PromptSpec, GenRequest, cond_from_dict
 from .prompts import PromptConfig, build_prompts, text_prompts, builtin_config, load_dimensions
 
 # %% auto #0
-__all__ = ['N_PER_CLASS', 'MANIFEST', 'GENERATORS', 'NoiseGenerator', 'class_shots', 'plan_items', 'item_file', 'manifest_record',
-           'read_manifest', 'retry_attempt', 'run_generation', 'merge_manifests', 'run_sharded', 'SyntheticDataset',
-           'plot_sample_grid', 'make_generator', 'add_synth_parser', 'run_synth', 'main', 'demo_synth']
+__all__ = ['N_PER_CLASS', 'MANIFEST', 'GENERATORS', 'SYNTH_MODES', 'SYNTH_EXTS', 'NoiseGenerator', 'class_shots', 'plan_items',
+           'item_file', 'manifest_record', 'read_manifest', 'retry_attempt', 'run_generation', 'merge_manifests',
+           'run_sharded', 'SyntheticDataset', 'plot_sample_grid', 'make_generator', 'SynthConfig', 'synth_generator',
+           'add_synth_parser', 'prompt_config', 'run_synth', 'main']
 
 # %% ../nbs/06_generate.ipynb #55053220
 class NoiseGenerator:
@@ -361,7 +362,7 @@ def make_generator(name: str,                 # one of `GENERATORS`
                    fp16: bool = False,        # half precision (CUDA)
                    image_size: int | None = None, # output side (default: 32 tiny/noise, the model's native size otherwise)
                    seed: int = 0,             # seed of random tiny weights
-                   **model_kw,                # real generators: prior=, decoder= (Kandinsky), model= (SDXL) ids or folders; root= for relative shot paths
+                   **model_kw,                # real generators: prior=, decoder= (Kandinsky), model= (SDXL) ids or folders; root= for relative shot paths; cpu_offload=
                   ):
     "Build a `Generator` by name."
     from sidclip_guide import synthesize as S
@@ -375,11 +376,50 @@ def make_generator(name: str,                 # one of `GENERATORS`
     dtype, size = ('fp16' if fp16 else 'auto'), ({'height': image_size, 'width': image_size} if image_size else {})
     if name == 'kandinsky':
         ids = {k: model_kw[v] for k, v in (('prior_id', 'prior'), ('decoder_id', 'decoder')) if model_kw.get(v)}
-        return S.load_kandinsky(S.KandinskyConfig(**ids, **size, dtype=dtype, device=device), root=model_kw.get('root'))
+        return S.load_kandinsky(S.KandinskyConfig(**ids, **size, dtype=dtype, device=device, cpu_offload=bool(model_kw.get('cpu_offload'))), root=model_kw.get('root'))
     if name == 'sdxl-lcm':
         ids = {'model_id': model_kw['model']} if model_kw.get('model') else {}
-        return S.load_sdxl_lcm(S.SDXLConfig(**ids, **size, dtype=dtype, device=device))
+        return S.load_sdxl_lcm(S.SDXLConfig(**ids, **size, dtype=dtype, device=device, cpu_offload=bool(model_kw.get('cpu_offload'))))
     raise SidclipError(f"Unknown generator {name!r}: choose one of {GENERATORS}.")
+
+# %% ../nbs/06_generate.ipynb #8dbd51ea
+SYNTH_MODES = ('mix', 'prompt', 'text')   # class name + shot embeddings (SIDCLIP), covering-array prompts (Popp et al.), class name only
+SYNTH_EXTS = ('png', 'jpg', 'webp')
+
+@dataclass
+class SynthConfig:
+    "What `sidclip synth` and the recipe's synthesize stage generate."
+    generator: str = 'kandinsky'      # one of GENERATORS: kandinsky (SIDCLIP), sdxl-lcm (Popp et al.), tiny-kandinsky / tiny-sdxl (offline tests), noise
+    mode: str = 'mix'                 # mix (SIDCLIP: class name + the shots' image embeddings), prompt (Popp: covering-array prompts) or text
+    n_per_class: int | None = None    # images per class (None: 300 for mix and text; for prompt one per covering-array row: Popp's 265, 1,011 for food)
+    batch_size: int = 8               # images per generator call
+    dataset_dims: str = 'generic'     # prompt mode: built-in dimensions (pets, food, flowers, cars, imagenet, generic) or a JSON/YAML file
+    classname_weight: float | None = None  # prompt mode: compel weight of the class name (default: the dimension set's, Popp Table 5)
+    prior: str | None = None          # Kandinsky prior: hub id or local folder (default: kandinsky-community/kandinsky-2-2-prior)
+    decoder: str | None = None        # Kandinsky decoder: hub id or local folder (default: kandinsky-community/kandinsky-2-2-decoder)
+    model: str | None = None          # SDXL base: hub id or local folder (default: stabilityai/stable-diffusion-xl-base-1.0)
+    image_size: int | None = None     # output side in pixels (default: the model's native size; 32 for tiny generators)
+    ext: str = 'png'                  # image file format: png (lossless), jpg or webp (a tenth of the disk)
+    fp16: bool = False                # half precision on CUDA
+    cpu_offload: bool = False         # keep only the active model on the GPU (fits a 16 GB Colab T4; slower)
+    max_attempts: int = 3             # tries per image (a black or NaN image is re-drawn with a new seed) before giving up
+
+    def validate(self) -> 'SynthConfig':
+        "Raise `SidclipError` for values no run can use; return self."
+        for k, ok in (('generator', GENERATORS), ('mode', SYNTH_MODES), ('ext', SYNTH_EXTS)):
+            if getattr(self, k) not in ok: raise SidclipError(f"SynthConfig.{k}={getattr(self, k)!r} is unknown: use one of {ok}.")
+        for k in ('batch_size', 'max_attempts'):
+            if getattr(self, k) < 1: raise SidclipError(f"SynthConfig.{k}={getattr(self, k)} must be >= 1.")
+        if self.n_per_class is not None and self.n_per_class < 0: raise SidclipError(f"SynthConfig.n_per_class={self.n_per_class} must be >= 0 (0: no synthetic images).")
+        return self
+
+def synth_generator(cfg: SynthConfig, # which generator, its weights, size and precision
+                    device: str = 'cpu', # torch device
+                    seed: int = 0,    # seed of random tiny weights
+                   ):
+    "The `Generator` a `SynthConfig` names."
+    return make_generator(cfg.generator, device, cfg.fp16, cfg.image_size, seed, prior=cfg.prior, decoder=cfg.decoder,
+                          model=cfg.model, cpu_offload=cfg.cpu_offload)
 
 # %% ../nbs/06_generate.ipynb #2dcde005
 def add_synth_parser(subparsers) -> argparse.ArgumentParser:
@@ -391,31 +431,24 @@ def add_synth_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument('--split', help='few-shot split JSON (from `sidclip split`)')
     src.add_argument('--classes', help='comma-separated class names (prompt/text modes, or 0-shot mix)')
     p.add_argument('--out', required=True, help='output folder (images + manifest.jsonl)')
-    p.add_argument('--generator', default='kandinsky', choices=GENERATORS)
-    p.add_argument('--mode', default='mix', choices=['mix', 'prompt', 'text'])
-    p.add_argument('--n-per-class', type=int, default=None, help="images per class (default: 300 for mix and text; for prompt, one per covering-array row: Popp's 265, or 1,011 for food)")
     p.add_argument('--k', type=int, default=None, help='shots per class mixed in (default: the split k)')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--dataset-dims', default='generic', help='built-in prompt dimensions (pets, food, flowers, cars, imagenet, generic) or a JSON/YAML file')
-    p.add_argument('--classname-weight', type=float, default=None, help='compel weight of the class name in prompt mode')
-    p.add_argument('--prior', default=None, help='Kandinsky prior hub id or local folder')
-    p.add_argument('--decoder', default=None, help='Kandinsky decoder hub id or local folder')
-    p.add_argument('--model', default=None, help='SDXL base hub id or local folder (sdxl-lcm)')
-    p.add_argument('--image-size', type=int, default=None)
-    p.add_argument('--ext', default='png', choices=['png', 'jpg', 'webp'])
+    p.add_argument('--seed', type=int, default=0, help='seed of the plan: every image\'s seed derives from it and its class and index (default: 0)')
     p.add_argument('--device', default=None, help="cpu, cuda, ... (default: the process's accelerate device)")
-    p.add_argument('--fp16', action='store_true', help='half precision on CUDA')
-    p.add_argument('--max-attempts', type=int, default=3)
-    p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--config', default=None, help='YAML file of SynthConfig settings (the flags below override it)')
+    from sidclip_guide.cli import config_arguments    # every SynthConfig field is a flag, with its comment as help
+    config_arguments(p, SynthConfig, given_only=True)
     p.set_defaults(func=run_synth)
     return p
 
-def _prompt_cfg(args) -> PromptConfig:
-    d = args.dataset_dims
-    cfg = builtin_config(d, seed=args.seed) if not Path(d).suffix else PromptConfig(load_dimensions(d), seed=args.seed)
-    if args.classname_weight is not None: cfg.classname_weight = args.classname_weight
-    return cfg
+def prompt_config(cfg: SynthConfig, # uses dataset_dims and classname_weight
+                  seed: int = 0,    # seed of the covering array
+                 ) -> PromptConfig:
+    "The prompt settings of a `SynthConfig`: built-in dimensions by name, or a JSON/YAML file of them."
+    d = cfg.dataset_dims
+    pc = builtin_config(d, seed=seed) if not Path(d).suffix else PromptConfig(load_dimensions(d), seed=seed)
+    if cfg.classname_weight is not None: pc.classname_weight = cfg.classname_weight
+    return pc
 
 def _rank_device(asked: str | None, rank_dev) -> str:
     "The device for this process: accelerate's per-rank device unless the user named a specific one ('cuda' means this rank's GPU)."
@@ -431,12 +464,13 @@ def run_synth(args) -> int:
     else:
         src = class_names = [c.strip() for c in args.classes.split(',') if c.strip()]
         if not class_names: raise SidclipError('--classes is empty: give comma-separated class names.')
-    reqs = plan_items(src, args.mode, args.n_per_class, args.seed, _prompt_cfg(args) if args.mode == 'prompt' else None, shots_k=args.k)
+    from sidclip_guide.cli import config_file_base, config_from_args
+    cfg = config_from_args(SynthConfig, args, config_file_base(SynthConfig, args.config)).validate()
+    reqs = plan_items(src, cfg.mode, cfg.n_per_class, args.seed, prompt_config(cfg, args.seed) if cfg.mode == 'prompt' else None, shots_k=args.k)
     cpu = args.device == 'cpu' or (args.device is None and not torch.cuda.is_available())
-    mk = lambda dev: make_generator(args.generator, _rank_device(args.device, dev), args.fp16, args.image_size, args.seed,
-                                    prior=args.prior, decoder=args.decoder, model=args.model)
-    st = run_sharded(mk, reqs, args.out, cpu=cpu, batch_size=args.batch_size, class_names=class_names, ext=args.ext,
-                     max_attempts=args.max_attempts, progress=not args.no_progress)
+    mk = lambda dev: synth_generator(cfg, _rank_device(args.device, dev), args.seed)
+    st = run_sharded(mk, reqs, args.out, cpu=cpu, batch_size=cfg.batch_size, class_names=class_names, ext=cfg.ext,
+                     max_attempts=cfg.max_attempts, progress=not args.no_progress)
     if st['rank'] == 0:
         print(f"synth: {st['generated']} new, {st['existing']} existing on rank 0 ({st['images_per_s']:.2f} img/s); "
               f"manifest: {Path(args.out)/MANIFEST}")
@@ -452,34 +486,3 @@ def main(argv: list[str] | None = None) -> int:
 
 # %% ../nbs/06_generate.ipynb #56cf8612
 if __name__ == '__main__' and Path(globals().get('__file__', '')).stem == 'generate': sys.exit(main())
-
-# %% ../nbs/06_generate.ipynb #3aded7c1
-def demo_synth(ctx, # a `DemoContext`; needs `ctx.artifacts['split']`
-               n_per_class: int = 6, # tiny-Kandinsky images per class
-               kandinsky=None,       # a prebuilt generator for mix mode (default: tiny Kandinsky)
-               sdxl=None,            # a prebuilt generator for prompt mode (default: tiny SDXL-LCM)
-              ) -> None:
-    "Synthesize stage of `sidclip demo` (tiny generators, CPU, seconds)."
-    split = ctx.artifacts.get('split')
-    if split is None: raise SidclipError("demo_synth needs ctx.artifacts['split'] (a FewShotSplit): run the data stage first.")
-    k = ctx.artifacts.get('k', split.k)
-    out = Path(ctx.out)/f'synth-seed{ctx.seed}'        # per seed: a re-run resumes, another seed never mixes with an old plan
-    reqs = plan_items(split, 'mix', n_per_class, ctx.seed, shots_k=k)
-    gen = kandinsky or make_generator('tiny-kandinsky', ctx.device, seed=ctx.seed)
-    st = run_generation(gen, reqs, out, batch_size=8, class_names=list(split.class_names), progress=False)
-    rows = read_manifest(out)
-    pout = Path(ctx.out)/f'synth_prompt-seed{ctx.seed}'
-    preqs = plan_items(list(split.class_names), 'prompt', 2, ctx.seed, prompt_cfg=builtin_config('generic', seed=ctx.seed))
-    pst = run_generation(sdxl or make_generator('tiny-sdxl', ctx.device, seed=ctx.seed), preqs, pout, batch_size=8,
-                         class_names=list(split.class_names), progress=False)
-    ctx.artifacts.update(synth_dir=out, manifest=out/MANIFEST, synth_prompt_dir=pout)
-    c0 = split.class_names[0]
-    plot_sample_grid(rows, out, c0, split.shots_by_class(k).get(0, []), n=min(6, n_per_class), path=Path(ctx.out)/'synth_grid.png')
-    ctx.plots.append('synth_grid.png')
-    for method, s, n in (('kandinsky-mix', st, len(rows)), ('sdxl-lcm-prompt', pst, len(read_manifest(pout)))):
-        ctx.add_row(stage='synthesize', method=method, metric='images', value=n)
-        ctx.add_row(stage='synthesize', method=method, metric='images/s', value=round(s['images_per_s'], 2))
-    ctx.add_section('Synthesize', f"{len(rows)} images ({n_per_class} per class) from tiny random-weight Kandinsky 2.2 mixtures of the "
-                    f"class name and {k} shot(s) per class (weights 0.4/0.6 for one shot, 0.2/0.4/0.4 for two), plus {len(preqs)} images from "
-                    f"tiny SDXL-LCM with covering-array prompts such as *{preqs[0].cond.prompt}*. Manifest: `{out/MANIFEST}`. "
-                    "Real shots (top) and synthetic images (bottom) are in `synth_grid.png`; random weights make noise, real weights make photos.")

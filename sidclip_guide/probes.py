@@ -22,7 +22,7 @@ from .teacher import clip_teacher
 __all__ = ['SHAPE_SETS', 'IMAGENET_C', 'CORRUPTIONS', 'as_dataset', 'predict', 'shape_image', 'shapes_probe_sets', 'ColourStats',
            'SmallCNN', 'load_tensors', 'fit_classifier', 'spurious_reliance', 'feature_reliance', 'corrupt',
            'corruption_robustness', 'robustness_summary', 'plot_robustness', 'transfer_matrix', 'ProbeConfig',
-           'synthetic_halves', 'probe_teacher', 'add_probe_parser', 'run_probe', 'demo_probe']
+           'synthetic_halves', 'probe_teacher', 'add_probe_parser', 'run_probe']
 
 # %% ../nbs/11_probes.ipynb #4b38bb42
 def _logits(model: nn.Module,  # a classifier: returns a logits tensor or a dict with 'logits'
@@ -331,9 +331,9 @@ def transfer_matrix(classifiers: dict,  # name ("trained on") -> classifier mapp
 # %% ../nbs/11_probes.ipynb #f6091737
 @dataclass
 class ProbeConfig:
-    "What `sidclip probe` and `demo_probe` measure."
-    kinds: tuple = IMAGENET_C      # corruptions (of CORRUPTIONS; default ImageNet-C's 15, as Popp Table 4)
-    severities: tuple = (3,)       # corruption severities 1..5 (Popp Table 4: 3)
+    "What `sidclip probe` and the recipe's probe stage measure."
+    kinds: tuple[str, ...] = IMAGENET_C  # corruptions, comma-separated on the command line (of CORRUPTIONS; default ImageNet-C's 15, as Popp Table 4)
+    severities: tuple[int, ...] = (3,)   # corruption severities 1..5 (Popp Table 4: 3)
     head_epochs: int = 100         # full-batch steps of each linear-head fit on cached teacher features
     shapes_classes: int = 4        # shape classes in the spurious-feature probe
     shapes_per_class: int = 40     # images per class and view in the spurious-feature probe
@@ -423,12 +423,9 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) for the synthetic<->real transfer probe')
     p.add_argument('--run', default=None, help='a `sidclip distill --out` folder: also probe the distilled student in it')
     p.add_argument('--out', required=True, help='output folder')
-    p.add_argument('--corruptions', default=','.join(d.kinds), help=f"comma-separated corruptions from {', '.join(CORRUPTIONS)} (default: %(default)s)")
-    p.add_argument('--severities', default=','.join(map(str, d.severities)), help='comma-separated severities 1..5 (default: %(default)s)')
-    p.add_argument('--head-epochs', type=int, default=d.head_epochs, help='steps of each linear-head fit (default: %(default)s)')
-    p.add_argument('--max-test', type=int, default=None, help='use at most this many test images (default: all)')
-    p.add_argument('--batch-size', type=int, default=d.batch_size, help='images per forward pass (default: %(default)s)')
-    p.add_argument('--seed', type=int, default=d.seed, help='seed (default: %(default)s)')
+    p.add_argument('--config', default=None, help='YAML file of ProbeConfig settings (the flags below override it)')
+    from sidclip_guide.cli import config_arguments    # every ProbeConfig field is a flag, with its comment as help
+    config_arguments(p, ProbeConfig, given_only=True, aliases={'kinds': ['--corruptions']})
     p.add_argument('--device', default='cpu', help="torch device (default: cpu; 'auto' picks a GPU)")
     p.set_defaults(func=run_probe)
     return p
@@ -444,8 +441,9 @@ def run_probe(args: argparse.Namespace, # parsed `sidclip probe` arguments
     "Run `sidclip probe`; returns the exit code."
     from sidclip_guide.data import load_split
     from sidclip_guide.models import load_clip
-    cfg = ProbeConfig(kinds=_csv_list(args.corruptions, 'corruptions'), severities=_csv_list(args.severities, 'severities', int),
-                      head_epochs=args.head_epochs, batch_size=args.batch_size, max_test=args.max_test, seed=args.seed)
+    from sidclip_guide.cli import config_from_args, config_file_base
+    cfg = config_from_args(ProbeConfig, args, config_file_base(ProbeConfig, args.config))
+    if not cfg.kinds or not cfg.severities: raise SidclipError("--kinds and --severities need at least one value each, e.g. --kinds fog --severities 3.")
     for k in cfg.kinds:
         for s in cfg.severities: _check_corruption(k, s)
     split = load_split(args.split, root=args.root)
@@ -465,53 +463,3 @@ def run_probe(args: argparse.Namespace, # parsed `sidclip probe` arguments
     print(f"probe: clean top-1 {s['clean']:.3f}, mean corruption acc {s['mean_corruption_acc']:.3f} (relative drop {s['relative_drop']:.3f}); "
           f"shapes colour_drop {res['shapes']['colour_drop']:.3f}; {time.time() - t0:.0f}s -> {Path(args.out) / 'results.md'}")
     return 0
-
-# %% ../nbs/11_probes.ipynb #4d1a0f13
-def demo_probe(ctx,   # a `DemoContext` with artifacts 'student', 'teacher', 'split' (optionally 'teacher_bundle', 'manifest')
-               kinds: Sequence[str] = ('gaussian_noise', 'gaussian_blur', 'contrast'), # corruptions
-               severities: Sequence[int] = (1, 5), # severities
-              ) -> None:
-    "Probe stage of `sidclip demo`: corruptions and shapes probe for teacher and student, transfer with a manifest."
-    import pandas as pd
-    from sidclip_guide.data import eval_transform
-    from sidclip_guide.evaluate import to_markdown
-    a = ctx.artifacts
-    student, teacher, split = a.get('student'), a.get('teacher'), a.get('split')
-    if student is None or teacher is None or split is None:
-        raise SidclipError("demo_probe needs ctx.artifacts['student'], ['teacher'] and ['split']: run the distill stage first.")
-    out = Path(ctx.out)
-    with cpu_threads(ctx.device, 1):   # tiny models: one thread beats two contending ones
-        models = {'teacher': teacher, 'student': student}
-        test = ImageListDataset(split.test_items(), eval_transform(32))
-        robs = []
-        for name, m in models.items():
-            r = corruption_robustness(m, test, kinds, severities, 64, ctx.device, ctx.seed)
-            robs.append(r.assign(model=name))
-            for key, v in robustness_summary(r).items(): ctx.add_row(stage='probe', method=name, metric=key, value=round(v, 4))
-        rob = pd.concat(robs, ignore_index=True)
-        plot_robustness(rob, out / 'probe_robustness.png', title='Teacher vs student under common corruptions'); ctx.plots.append('probe_robustness.png')
-        sets = shapes_probe_sets(out / 'probe_shapes', 4, 24, 32, ctx.seed)
-        shapes = {}
-        for name, m in models.items():
-            shapes[name] = feature_reliance(m, sets, ctx.device, 64, ctx.seed)
-            for key in ('colour_drop', 'background_drop'): ctx.add_row(stage='probe', method=name, metric=f'shapes {key}', value=round(shapes[name][key], 4))
-        transfer = ''
-        manifest, bundle = a.get('manifest'), a.get('teacher_bundle')
-        if manifest is not None:
-            from sidclip_guide.distill import synthetic_items
-            fit, held = synthetic_halves(synthetic_items(manifest, split.class_names))
-            clfs = dict(models)
-            if bundle is not None: clfs['teacher head on synthetic'] = clip_teacher(bundle, split.class_names, fit, split.category, epochs=50).to(ctx.device)
-            tm = transfer_matrix(clfs, {'real test': test, 'synthetic (held-out)': ImageListDataset(held or fit, eval_transform(32))}, 64, ctx.device)
-            for tr in tm.index:
-                for ev in tm.columns: ctx.add_row(stage='probe', method=tr, metric=f'top1 on {ev}', value=round(float(tm.loc[tr, ev]), 4))
-            transfer = f"\n\nSynthetic ↔ real transfer (top-1; rows: model, columns: evaluated on; the student saw the synthetic images in training):\n\n{to_markdown(tm.reset_index())}"
-        sp = pd.DataFrame(shapes).T.reset_index(names='model')
-        ctx.add_section('Probe', f"""Corruption robustness on the split's test images ({', '.join(kinds)} at severities {', '.join(map(str, severities))}), teacher vs student: `probe_robustness.png`.
-
-![probe_robustness](probe_robustness.png)
-
-Spurious-feature probe (Popp et al.): a linear probe on each model's frozen features, fitted on half of the *coloured* shapes set (class = shape, colour tied to class) and evaluated on the other half, on *shuffled* (colour independent of class) and on *unicolour_bg* (plain backgrounds). A large `colour_drop` means the features make colour the easy cue.
-
-{to_markdown(sp)}{transfer}""")
-        a['probe'] = {'robustness': rob, 'shapes': shapes}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_utils.ipynb #b68f7174
 from __future__ import annotations
-import os, re, json, errno, random, tempfile, hashlib, unicodedata, contextlib
+import os, re, json, errno, random, typing, difflib, tempfile, hashlib, unicodedata, contextlib, dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,8 +13,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['SidclipError', 'os_error_message', 'require', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'atomic_save_image', 'read_jsonl', 'append_jsonl', 'slugify', 'stable_seed', 'seed_everything', 'get_device',
-           'cpu_threads', 'DemoContext']
+           'atomic_save_image', 'read_jsonl', 'append_jsonl', 'slugify', 'config_to_dict', 'config_from_dict',
+           'read_config_file', 'config_yaml', 'stable_seed', 'seed_everything', 'get_device', 'cpu_threads']
 
 # %% ../nbs/00_utils.ipynb #a6cb8538
 class SidclipError(ValueError):
@@ -133,6 +133,70 @@ def slugify(name: str, # any class name
     h = hashlib.sha1(name.encode('utf-8')).hexdigest()[:6]
     return f"{s or 'class'}-{h}"
 
+# %% ../nbs/00_utils.ipynb #d2508a64
+def _typed(hint, v, where: str):
+    "`v` (a YAML value or a flag's string) as the field type `hint` wants: `X | None`, tuples, numbers written as strings."
+    if v is None: return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1: hint = args[0]
+    if dataclasses.is_dataclass(hint): return config_from_dict(hint, v, where)
+    if (typing.get_origin(hint) or hint) is tuple:
+        if isinstance(v, str): v = [x.strip() for x in v.split(',') if x.strip()]
+        el = (typing.get_args(hint) or (None,))[0]
+        return tuple(_typed(el, x, where) if el not in (None, Ellipsis) else x for x in v)
+    if hint in (int, float) and not isinstance(v, bool):
+        try:
+            if not (isinstance(v, (str, int)) or (hint is float and isinstance(v, float))): raise ValueError
+            return hint(v)
+        except ValueError: raise SidclipError(f"{where}={v!r} is not a number: write e.g. {where.split('.')[-1]}: 3") from None
+    if hint is bool and not isinstance(v, bool): raise SidclipError(f"{where}={v!r} is not true or false: write {where.split('.')[-1]}: true")
+    return v
+
+# %% ../nbs/00_utils.ipynb #ff50cdec
+def config_to_dict(cfg, # a settings dataclass instance (nested dataclasses too)
+                  ) -> dict:
+    "The settings as plain YAML/JSON values: nested dataclasses become mappings, tuples lists."
+    def plain(v):
+        if dataclasses.is_dataclass(v): return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+    return plain(cfg)
+
+def config_from_dict(cls,                    # the settings dataclass
+                     d: dict,                # {field: value}; nested sections as mappings; missing fields keep `base`'s
+                     where: str | None = None, # name used in errors (default: the class name)
+                     base=None,              # the settings `d` changes (default: `cls()`)
+                    ):
+    "`base` with the values of `d`; an unknown key fails naming its close matches."
+    where, base = where or cls.__name__, base if base is not None else cls()
+    if not isinstance(d, dict): raise SidclipError(f"{where} must be a mapping of settings (key: value lines), not {type(d).__name__}.")
+    hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, 3)
+            raise SidclipError(f"{where} has no setting {k!r}: " + (f"did you mean {' or '.join(close)}?" if close else f"known settings are {', '.join(names)}."))
+    vals = {k: config_from_dict(hints[k], v, f'{where}.{k}', getattr(base, k)) if dataclasses.is_dataclass(hints[k])
+            else _typed(hints[k], v, f'{where}.{k}') for k, v in d.items()}
+    return dataclasses.replace(base, **vals)
+
+# %% ../nbs/00_utils.ipynb #a8c74952
+def read_config_file(path: str | Path, # a .yaml/.yml (or .json) settings file
+                    ) -> dict:
+    "The mapping in a settings file; a one-line error for a missing, unreadable or non-mapping file."
+    import yaml
+    path = Path(path)
+    if not path.is_file(): raise SidclipError(f"Settings file {path} does not exist: check the path (or write one with `--print-config`).")
+    try: d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e: raise SidclipError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix that line.") from None
+    if d is None: return {}
+    if not isinstance(d, dict): raise SidclipError(f"{path} holds a {type(d).__name__}, not settings: write `key: value` lines.")
+    return d
+
+def config_yaml(cfg, # a settings dataclass
+               ) -> str:
+    "The settings as YAML text, fields in declaration order."
+    import yaml
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, width=120)
+
 # %% ../nbs/00_utils.ipynb #02f3fe6c
 def stable_seed(*parts: Any, # anything with a stable `str` (seed, class name, index, ...)
                ) -> int:
@@ -170,24 +234,3 @@ def cpu_threads(device,   # the device the block runs on (str or torch.device); 
     old = torch.get_num_threads(); torch.set_num_threads(n)
     try: yield
     finally: torch.set_num_threads(old)
-
-# %% ../nbs/00_utils.ipynb #073a398b
-@dataclass
-class DemoContext:
-    "Shared state passed from stage to stage by `sidclip demo`."
-    out: Path                                          # report folder (report.md, plots, artifacts)
-    device: str = 'cpu'                                # torch device for every stage
-    seed: int = 0                                      # base seed of the whole demo
-    fast: bool = True                                  # tiny sizes so the demo runs in minutes on 2 CPU cores
-    artifacts: dict = field(default_factory=dict)      # name -> object or path produced by a stage (split, teacher, manifest...)
-    rows: list = field(default_factory=list)           # result rows: dicts with at least stage, method, metric, value
-    sections: list = field(default_factory=list)       # markdown sections appended to report.md, in order
-    plots: list = field(default_factory=list)          # PNG files (relative to `out`) shown in the report
-
-    def add_section(self, title: str, body: str):
-        "Append a markdown section to the report."
-        self.sections.append(f"## {title}\n\n{body.strip()}\n")
-
-    def add_row(self, **row):
-        "Append one result row (stage, method, metric, value, ...)."
-        self.rows.append(row)

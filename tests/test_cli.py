@@ -32,11 +32,11 @@ def test_bad_input_gives_a_clear_error_and_exit_2(tmp_path):
     r = sidclip('eval', '--split', str(tmp_path/'missing.json'), '--model', 'sidclip-tiny-vit')
     assert r.returncode == 2, r.stderr
     assert 'missing.json' in r.stderr and 'Traceback' not in r.stderr
-    r = sidclip('demo', '--stages', 'nope', '--out', str(tmp_path/'d'))
-    assert r.returncode == 2 and 'Unknown demo stage' in r.stderr
+    r = sidclip('run', 'tiny', '--stages', 'split,nope', '--out', str(tmp_path/'d'))
+    assert r.returncode == 2 and "unknown stage(s) ['nope']" in r.stderr
 
 def test_demo_runs_offline_end_to_end(tmp_path):
-    "`sidclip demo` writes report.md, results.csv and plots under the current directory by default."
+    "`sidclip demo` (`sidclip run tiny` and the Table 1 rows) writes report.md, the results and plots under the current directory by default."
     t0 = time.time()
     r = sidclip('demo', cwd=tmp_path)
     elapsed = time.time() - t0
@@ -44,16 +44,19 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     out = tmp_path/'sidclip-demo'
     report = (out/'report.md').read_text()
     assert str(out) in r.stdout and 'wiring, not accuracy' in r.stdout
-    for stage in ('evaluate', 'synthesize', 'distill', 'probe'): assert f'| {stage} |' in report, stage
+    for stage in ('split', 'synth', 'teacher', 'distill', 'evaluate', 'probe'): assert f'| {stage} |' in report, stage
+    assert 'SIDCLIP Table 1' in report and 'ENB0 + I + D + S (SIDCLIP)' in report
     import pandas as pd
-    df = pd.read_csv(out/'results.csv')
-    assert {'evaluate', 'synthesize', 'distill', 'probe'} <= set(df['stage'])
+    assert set(pd.read_csv(out/'grid'/'results.csv')['method']) == {'teacher', 'ENB0', 'ENB0 + D', 'ENB0 + I + D', 'SIDCLIP'}
+    assert 'linear probe on the untrained student' in set(pd.read_csv(out/'eval'/'results.csv')['model'])
+    r2 = sidclip('demo', cwd=tmp_path)                 # a rerun continues: everything is done already
+    assert r2.returncode == 0 and r2.stdout.count('done already') == 6, r2.stdout
     pngs = list(out.rglob('*.png'))
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
     for line in report.splitlines():          # every plot the report shows exists
         if line.startswith('!['): assert (out/line.split('](')[1].rstrip(')')).exists(), line
     used = sum(p.stat().st_size for p in out.rglob('*') if p.is_file())
-    assert used < 120e6, f'the demo wrote {used / 1e6:.0f} MB; the README promises about 80 MB'   # two checkpoints per run are kept
+    assert used < 120e6, f'the demo wrote {used / 1e6:.0f} MB; the README promises about 80 MB'   # one checkpoint per run is kept
     print(f'demo took {elapsed:.0f}s and wrote {used / 1e6:.0f} MB')
 
 def test_out_that_is_a_file_is_one_line(tmp_path):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sidclip_guide.utils import SidclipError, append_jsonl, DemoContext
+from sidclip_guide.utils import SidclipError, append_jsonl
 from sidclip_guide.teacher import clip_teacher
 from sidclip_guide.probes import (CORRUPTIONS, SHAPE_SETS, corrupt, corruption_robustness, robustness_summary, plot_robustness,
                                   shapes_probe_sets, spurious_reliance, feature_reliance, fit_classifier, load_tensors,
-                                  ColourStats, SmallCNN, transfer_matrix, add_probe_parser, demo_probe,
+                                  ColourStats, SmallCNN, transfer_matrix, add_probe_parser,
                                   synthetic_halves, _logits)
 
 
@@ -193,34 +193,16 @@ def test_cli_tiny_run(toy, capsys):
     assert len(df[df.probe == 'transfer']) == 4 and df.value[df.metric == 'top1'].between(0, 1).all()
 
 
-def test_cli_bad_input(toy):
+def test_cli_bad_input(toy, capsys):
     from sidclip_guide.models import TINY_CLIP
     tmp, _ = toy
     base = ['--split', str(tmp / 'split.json'), '--model', TINY_CLIP, '--out', str(tmp / 'bad')]
     for extra, msg in [(['--corruptions', 'fogg'], 'Unknown corruption'), (['--severities', '0'], '1, 2, 3, 4 or 5'),
-                       (['--severities', 'a,b'], 'comma-separated'), (['--model', 'ViT-Nope-14'], 'Unknown CLIP model'),
+                       (['--model', 'ViT-Nope-14'], 'Unknown CLIP model'),
                        (['--manifest', str(tmp / 'none.jsonl')], 'does not exist')]:
         args = _parse(base + extra)
         with pytest.raises(SidclipError, match=msg): args.func(args)
     args = _parse(['--split', str(tmp / 'missing.json'), '--model', TINY_CLIP, '--out', str(tmp / 'bad')])
     with pytest.raises(SidclipError, match='does not exist'): args.func(args)
-
-
-def test_demo_probe(toy, tmp_path):
-    from sidclip_guide.models import load_clip, TINY_CLIP
-    from sidclip_guide.student import timm_student
-    tmp, split = toy
-    bundle = load_clip(TINY_CLIP)
-    ctx = DemoContext(out=tmp_path)
-    with pytest.raises(SidclipError, match='distill stage'): demo_probe(ctx)
-    ctx.artifacts.update(split=split, teacher_bundle=bundle, manifest=str(tmp / 'syn' / 'manifest.jsonl'),
-                         teacher=clip_teacher(bundle, split.class_names, split.shots(), epochs=10),
-                         student=timm_student('tinynet_e', split.class_names, image_size=32))
-    n = torch.get_num_threads()
-    demo_probe(ctx)
-    assert torch.get_num_threads() == n
-    assert ctx.plots == ['probe_robustness.png'] and (tmp_path / 'probe_robustness.png').is_file()
-    assert all(r['stage'] == 'probe' for r in ctx.rows)
-    methods = {r['method'] for r in ctx.rows}
-    assert {'teacher', 'student', 'teacher head on synthetic'} <= methods
-    assert any(r['metric'] == 'shapes colour_drop' for r in ctx.rows) and len(ctx.sections) == 1
+    with pytest.raises(SystemExit): _parse(base + ['--severities', 'a,b'])      # argparse's one-line usage error
+    assert "'a,b' is not a comma-separated list of int" in capsys.readouterr().err
