@@ -52,7 +52,7 @@ def run_demo(out: str | Path = 'sidclip-demo', # run folder
         g = GridConfig(methods=tuple(m for m in TABLES['table1'][1] if m != 'teacher'), shots=(cfg.data.k,), seeds=(seed,))
         df = run_grid(cfg, out/'grid', g, log=log)
         write_grid_report(df, out/'grid', cfg)
-        title, t = grid_tables(df)['table1']
+        title, t = grid_tables(df, teacher=cfg.teacher.name)['table1']
         report = out/'report.md'
         atomic_write_text(report, report.read_text() + f'\n## {title} (one seed; all rows: `grid/report.md`)\n\n{to_markdown(t.reset_index())}\n')
     log(f"Report: {out/'report.md'}")
@@ -93,8 +93,9 @@ def config_arguments(parser: argparse.ArgumentParser, # the subcommand's parser
     for f in dataclasses.fields(cls):
         dest, d = prefix + f.name, getattr(base, f.name)
         if dest in skip: continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            config_arguments(parser, hints[f.name], skip, aliases, given_only, dest + '.', d); continue
+        if dataclasses.is_dataclass(hints[f.name]):   # a section: its flags in a help group of their own
+            grp = parser.add_argument_group(f'--{dest}.*', docs[f.name]['docment']) if isinstance(parser, argparse.ArgumentParser) else parser
+            config_arguments(grp, hints[f.name], skip, aliases, given_only, dest + '.', d); continue
         flags = ['--' + prefix + f.name.replace('_', '-'), *(aliases or {}).get(dest, ())]
         kw = dict(dest=dest, default=argparse.SUPPRESS if given_only else d, help=f"{docs[f.name]['docment'] or f.name} (default: {_shown(d)})")
         if hints[f.name] is bool:   # BooleanOptionalAction appends the default itself when it knows it (Python < 3.14)

@@ -427,11 +427,13 @@ def train_transform(image_size: int,          # output side in pixels
                     num_ops: int = 6,          # RandAugment operations per image (SIDCLIP: 6)
                     magnitude: int = 9,        # RandAugment magnitude (0-30)
                     scale: tuple = (0.5, 1.0), # RandomResizedCrop area range
+                    ratio: tuple = (3/4, 4/3), # RandomResizedCrop aspect-ratio range ((1, 1): square crops, Popp et al.)
+                    flip: bool = True,         # random horizontal flips
                    ) -> Callable:
     "PIL image -> augmented float tensor in [0,1] (crop, flip, RandAugment; no Normalize)."
     from torchvision.transforms import v2, InterpolationMode
-    tfms = [v2.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip()]
+    tfms = [v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC, antialias=True)]
+    if flip: tfms.append(v2.RandomHorizontalFlip())
     if randaugment: tfms.append(v2.RandAugment(num_ops=num_ops, magnitude=magnitude))
     return v2.Compose(tfms + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 

@@ -20,21 +20,23 @@ from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, cpu_threads, os_error_message)
 
 # %% auto #0
-__all__ = ['LOSS_NAMES', 'TINY', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES', 'DistillConfig',
-           'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment',
-           'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state',
-           'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'checkpoint_candidates',
-           'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult',
-           'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches',
-           'step_budget', 'probe_head', 'train', 'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher',
-           'make_student', 'TeacherConfig', 'teacher_head', 'build_teacher', 'save_student', 'load_student',
-           'add_distill_parser', 'run_distill', 'distill_main']
+__all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES',
+           'DistillConfig', 'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler',
+           'SeededAugment', 'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state',
+           'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint',
+           'checkpoint_candidates', 'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv',
+           'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode',
+           'param_groups', 'epoch_batches', 'step_budget', 'probe_head', 'train', 'pretrain_feature_distill',
+           'finetune_feature_distill', 'make_teacher', 'make_student', 'TeacherConfig', 'teacher_head', 'build_teacher',
+           'save_student', 'load_student', 'add_distill_parser', 'run_distill', 'distill_main']
 
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')   # the keys of the `LOSSES` registry (below)
 _NO_EFFECT = ('device', 'progress', 'num_workers', 'out_dir', 'eval_every', 'save_every', 'keep')  # fields a resume may change
 
-TINY = dict(epochs=2, min_steps=0, batch_size=8, image_size=32)   # what `--tiny` changes in any recipe: tiny offline models, a smoke run
+TINY = dict(epochs=2, min_steps=0, batch_size=8, image_size=32)
+AUGMENTS = {'crop-flip': dict(ratio=(3/4, 4/3), flip=True),   # the torchvision default crop and a flip (SIDCLIP's base, before RandAugment)
+            'square-crop': dict(ratio=(1.0, 1.0), flip=False)} # Popp et al. §4: "random square crops" and nothing else   # what `--tiny` changes in any recipe: tiny offline models, a smoke run
 
 @dataclass
 class DistillConfig:
@@ -53,6 +55,7 @@ class DistillConfig:
     warmup: float = 0.1              # linear warm-up, as a fraction of the run's optimizer steps, in [0, 1)
     bn: str = 'frozen'               # BatchNorm running statistics: 'frozen' (keep the pretrained ones) or 'train' (update them)
     head_init: str = 'auto'          # 'probe' (LP-FT: head from a linear probe on the labelled set), 'keep' (as built), 'auto' (probe for kd/ce unless text-initialised)
+    augment: str = 'crop-flip'       # base augmentation (a key of AUGMENTS): 'crop-flip' (random resized crop + flip) or 'square-crop' (Popp et al.: random square crops only)
     randaugment: bool = True         # RandAugment in the training transform (SIDCLIP ablation switch)
     randaugment_ops: int = 2         # RandAugment operations per image (SIDCLIP paper: 6; library's choice: 2)
     aug_pool: int = 16               # n: cycle n augmentation draws per image, so teacher outputs are cached; 0: fresh draws every epoch
@@ -78,9 +81,14 @@ class DistillConfig:
 
     @classmethod
     def popp(cls, **kw) -> 'DistillConfig':
-        "Popp et al.'s feature-distillation settings (§4): L2 loss, AdamW constant 5e-4, batch 256, 96 fine-tuning epochs, no RandAugment, BatchNorm statistics trained."
+        "Popp et al.'s feature-distillation settings (§4): L2 loss, AdamW constant 5e-4, batch 256, 96 fine-tuning epochs, random square crops only, BatchNorm statistics trained."
         return cls(**{**dict(loss='l2', lr=5e-4, batch_size=256, schedule='constant', weight_decay=0.0, warmup=0.0, epochs=96,
-                             randaugment=False, bn='train', head_lr_mult=1.0, min_steps=0), **kw})
+                             randaugment=False, augment='square-crop', bn='train', head_lr_mult=1.0, min_steps=0), **kw})
+
+    def transform(self):
+        "The training transform these settings ask for: the base augmentation, then RandAugment if on."
+        from sidclip_guide.data import train_transform
+        return train_transform(self.image_size, self.randaugment, self.randaugment_ops, **AUGMENTS[self.augment])
 
     def validate(self) -> 'DistillConfig':
         "Raise `SidclipError` for values no run can use; return self."
@@ -88,7 +96,7 @@ class DistillConfig:
         if self.loss not in LOSS_NAMES: bad('loss', f"is unknown: use one of {LOSS_NAMES}.")
         if not 0.0 <= self.alpha <= 1.0: bad('alpha', "is outside [0, 1]: α weighs KD against CE, e.g. 0.9.")
         if not self.T > 0: bad('T', "must be > 0 (the KD temperature, e.g. 4).")
-        for k, ok in [('schedule', ('cosine', 'constant')), ('amp', ('no', 'bf16', 'fp16')), ('init', ('text', 'none')),
+        for k, ok in [('augment', tuple(AUGMENTS)), ('schedule', ('cosine', 'constant')), ('amp', ('no', 'bf16', 'fp16')), ('init', ('text', 'none')),
                       ('bn', ('frozen', 'train')), ('head_init', ('auto', 'probe', 'keep'))]:
             if getattr(self, k) not in ok: bad(k, f"is unknown: use one of {ok}.")
         for k in ('epochs', 'batch_size', 'image_size'):
@@ -751,14 +759,14 @@ def pretrain_feature_distill(student: nn.Module,        # student with `proj` to
                              teacher: nn.Module,        # frozen teacher returning 'embeds'
                              image_folder: str | Path,  # any unlabelled images (searched recursively)
                              cfg: DistillConfig | None = None, # default `DistillConfig.popp(epochs=1)`: Popp pre-train one epoch
-                             transform: Callable | None = None, # default `data.train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops)`
+                             transform: Callable | None = None, # default `cfg.transform()`
                              **train_kw,                # passed to `train` (test_ds, teacher_cache, resume, ...)
                             ) -> TrainResult:
     "Stage 1 (Popp et al.): domain-agnostic L2 feature distillation on an unlabelled image folder."
     from sidclip_guide.data import train_transform
     cfg = _feature_cfg(cfg, 'pretrain_feature_distill', epochs=1)
     if cfg.loss != 'l2': raise SidclipError(f"pretrain_feature_distill reads unlabelled images, but loss={cfg.loss!r} needs class labels: use loss='l2'.")
-    ds = UnlabelledImageFolder(image_folder, transform or train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops))
+    ds = UnlabelledImageFolder(image_folder, transform or cfg.transform())
     return train(student, teacher, ds, cfg, **train_kw)
 
 def finetune_feature_distill(student: nn.Module,       # the (pretrained) student
@@ -766,7 +774,7 @@ def finetune_feature_distill(student: nn.Module,       # the (pretrained) studen
                              manifest: str | Path,     # synthesis manifest (or its folder) of the target domain
                              cfg: DistillConfig | None = None, # default `DistillConfig.popp()`: 96 epochs, as Popp fine-tune
                              class_names: list[str] | None = None, # map rows to labels (needed for 'l2+clip'/'l2+mp'); None: unlabelled
-                             transform: Callable | None = None, # default `data.train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops)`
+                             transform: Callable | None = None, # default `cfg.transform()`
                              **train_kw,               # passed to `train`
                             ) -> TrainResult:
     "Stage 2 (Popp et al.): L2 feature distillation on the synthetic images of the target domain."
@@ -781,7 +789,7 @@ def finetune_feature_distill(student: nn.Module,       # the (pretrained) studen
         missing = [str(p) for p, _ in items if not p.exists()]
         if missing: raise SidclipError(f"{len(missing)} file(s) listed in {manifest} are missing (first: {missing[0]}): re-run synthesis to regenerate them.")
     if not items: raise SidclipError(f"{manifest} lists no images: the distillation set would be empty.")
-    return train(student, teacher, ImageListDataset(items, transform or train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops)), cfg, **train_kw)
+    return train(student, teacher, ImageListDataset(items, transform or cfg.transform()), cfg, **train_kw)
 
 # %% ../nbs/10_distill.ipynb #0dba356c
 def make_teacher(bundle,                 # a `models.ClipBundle` (the teacher CLIP)
@@ -961,7 +969,7 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     student = make_student(split.class_names, cfg, TINY_STUDENT if args.tiny else args.student, args.student_pretrained,
                            TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
                            teacher.embed_dim, split.category, text_bundle=tbundle)
-    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops),
+    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(),
                                cfg.synthetic_per_class)
     test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
     resume = _cli_resume(out, args.resume, args.restart)

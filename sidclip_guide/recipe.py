@@ -276,7 +276,7 @@ def distill_stage(run: Run) -> dict:
     manifest = run.shared('synth', MANIFEST) if run.uses_synthetic else None
     if run.cfg.data.k == 0 and manifest is None: raise SidclipError("data.k is 0 and there are no synthetic images: the student has nothing to learn from; keep the synth stage.")
     ds = build_distill_dataset(split, run.cfg.data.k, manifest, manifest is not None,
-                               train_transform(cfg.image_size, cfg.randaugment, cfg.randaugment_ops), cfg.synthetic_per_class)
+                               cfg.transform(), cfg.synthetic_per_class)
     test = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
     ck = run.path('distill', 'checkpoints')
     res = train(student, teacher, ds, cfg, test_ds=test, teacher_cache='auto', resume=ck.is_dir() and latest_checkpoint(ck) is not None)
@@ -561,6 +561,7 @@ def _syn_rows(methods) -> list:
 def grid_table(df,                     # `run_grid` results: method, k, seed, top1
                rows: tuple,            # methods, in order
                paper: dict | None = None, # the paper's numbers for this dataset (a value of `PAPER`), shown below ours
+               teacher: str = 'ViT-L-14', # the teacher's name, for its row
               ):
     "One table in the paper's layout: rows × shots, 'mean ± std' over seeds in %, '—' where a cell does not exist."
     import pandas as pd
@@ -570,15 +571,15 @@ def grid_table(df,                     # `run_grid` results: method, k, seed, to
         if (m, k) not in g.index: return '—'
         r = g.loc[(m, k)]
         return f"{100 * r['mean']:.1f} ± {100 * (r['std'] if r['count'] > 1 else 0):.1f}"
-    body = {}
+    body, label = {}, lambda m: f'{teacher} (teacher)' if m == 'teacher' else LABELS.get(m, m)
     for m in rows:
-        body[LABELS.get(m, m)] = [cell(m, k) for k in shots]
+        body[label(m)] = [cell(m, k) for k in shots]
         if paper and m in paper:
             body[f'{LABELS.get(m, m)} (paper)'] = [('—' if paper[m][PAPER_SHOTS.index(k)] is None else f'{paper[m][PAPER_SHOTS.index(k)]:.1f}')
                                                    if k in PAPER_SHOTS else '' for k in shots]
     return pd.DataFrame.from_dict(body, orient='index', columns=[str(k) for k in shots]).rename_axis('method')
 
-def grid_tables(df, dataset: str | None = None) -> dict:
+def grid_tables(df, dataset: str | None = None, teacher: str = 'ViT-L-14') -> dict:
     "Every table of `TABLES` the grid has rows for: name -> (title, DataFrame)."
     paper, out = PAPER.get(dataset or ''), {}
     have = set(df['method'])
@@ -587,7 +588,7 @@ def grid_tables(df, dataset: str | None = None) -> dict:
         if name == 'table6':
             if not _syn_rows(have): continue
             rows = rows[:1] + _syn_rows(have) + rows[1:]
-        if all(r in have for r in rows): out[name] = (title, grid_table(df, rows, paper))
+        if all(r in have for r in rows): out[name] = (title, grid_table(df, rows, paper, teacher))
     return out
 
 # %% ../nbs/14_recipe.ipynb #dc821444
@@ -625,7 +626,7 @@ def write_grid_report(df, out: str | Path, cfg: RunConfig) -> Path:
     lines = [f'# sidclip grid: {out.name}', '', f"Data `{cfg.data.dataset}`, teacher `{cfg.teacher.name}`, student `{cfg.student.clip_name}`; "
              f"seeds {sorted(int(s) for s in df.seed.unique())}; test top-1 in %, mean ± std over seeds. Tidy results: `results.csv`.", '']
     if cfg.teacher.name.startswith('sidclip-tiny'): lines += ['> Tiny random-weight models measure **wiring, not accuracy**.', '']
-    for name, (title, t) in grid_tables(df, cfg.data.dataset).items():
+    for name, (title, t) in grid_tables(df, cfg.data.dataset, cfg.teacher.name).items():
         lines += [f'## {title}', '', to_markdown(t.reset_index()), '']
     lines += ['## Figures', '', '![Figure 1](figure1_shots.png)', ''] + (['![Figure 3](figure3_synthetic.png)', ''] if (out/'figure3_synthetic.png').exists() else [])
     return atomic_write_text(out/'report.md', '\n'.join(lines))
