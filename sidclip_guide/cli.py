@@ -4,11 +4,11 @@
 
 # %% ../nbs/90_cli.ipynb #cec79c96
 from __future__ import annotations
-import sys, time, argparse, importlib, dataclasses, typing
+import sys, argparse, importlib, dataclasses, typing
 from pathlib import Path
 
 from . import __version__
-from .utils import SidclipError, atomic_write_text, get_device, os_error_message, _typed, config_from_dict, read_config_file
+from .utils import SidclipError, atomic_write_text, os_error_message, _typed, _unoptional, config_from_dict, read_config_file
 
 # %% auto #0
 __all__ = ['STAGE_PARSERS', 'WIRING_NOTE', 'run_demo', 'config_arguments', 'config_from_args', 'config_file_base',
@@ -66,8 +66,7 @@ def _demo_cmd(args: argparse.Namespace) -> int:
 # %% ../nbs/90_cli.ipynb #5abfb9eb
 def _flag_type(hint):
     "The converter of a flag's string: `X` of `X | None`; a comma-separated list for a tuple field."
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    t = args[0] if type(None) in typing.get_args(hint) and len(args) == 1 else hint
+    t = _unoptional(hint)
     if (typing.get_origin(t) or t) is not tuple: return t
     el = (typing.get_args(t) or (str,))[0]
     def comma_list(s: str):

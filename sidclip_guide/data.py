@@ -16,9 +16,10 @@ from torch.utils.data import Dataset
 from .utils import SidclipError, atomic_write_text, atomic_save_image, stable_seed
 
 # %% auto #0
-__all__ = ['FLOWERS102_CLASSES', 'DATASETS', 'FORMAT', 'FORMAT_VERSION', 'DatasetInfo', 'load_dataset', 'toy_image',
-           'make_toy_dataset', 'FewShotSplit', 'make_fewshot_split', 'save_split', 'load_split', 'check_split_files',
-           'from_coop_split', 'to_tensor01', 'ImageListDataset', 'train_transform', 'eval_transform']
+__all__ = ['FLOWERS102_CLASSES', 'DATASETS', 'FORMAT', 'FORMAT_VERSION', 'DatasetInfo', 'load_dataset', 'load_train_test',
+           'toy_image', 'make_toy_dataset', 'FewShotSplit', 'make_fewshot_split', 'save_split', 'load_split',
+           'check_split_files', 'from_coop_split', 'to_tensor01', 'ImageListDataset', 'train_transform',
+           'eval_transform']
 
 # %% ../nbs/01_data.ipynb #294218de
 @dataclass
@@ -135,6 +136,20 @@ def load_dataset(name: str,            # flowers102, food101, pets, cars or imag
     else: pairs = [(Path(p), int(y)) for p, y in zip(ds._image_files, ds._labels)]
     names = FLOWERS102_CLASSES if key == 'flowers102' else [str(c).replace('_', ' ') for c in ds.classes]
     return DatasetInfo(pairs, list(names), DATASETS[key], str(root), key)
+
+# %% ../nbs/01_data.ipynb #b3d03efc
+def load_train_test(name: str,              # as `load_dataset`
+                    root: str | Path,       # as `load_dataset`
+                    download: bool = False, # let torchvision download it
+                    category: str | None = None, # prompt category word for both (default: the dataset's)
+                   ) -> tuple:
+    "(training pool, test set or None) of a dataset; an ImageFolder without `test/` has no test set of its own."
+    info = load_dataset(name, root, 'train', download=download)
+    if info.name == 'imagefolder': test = load_dataset('imagefolder', root, 'test') if (Path(root).expanduser()/'test').is_dir() else None
+    else: test = load_dataset(name, root, 'test', download=download)
+    for d in (info, test):
+        if category and d is not None: d.category = category
+    return info, test
 
 # %% ../nbs/01_data.ipynb #894be1fb
 _SHAPES = ['circle', 'square', 'triangle', 'cross', 'diamond', 'bar']

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 
 from .teacher import cache_key
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                                 append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, cpu_threads, os_error_message)
+                                 append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, os_error_message)
 
 # %% auto #0
 __all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES',
@@ -763,7 +763,6 @@ def pretrain_feature_distill(student: nn.Module,        # student with `proj` to
                              **train_kw,                # passed to `train` (test_ds, teacher_cache, resume, ...)
                             ) -> TrainResult:
     "Stage 1 (Popp et al.): domain-agnostic L2 feature distillation on an unlabelled image folder."
-    from sidclip_guide.data import train_transform
     cfg = _feature_cfg(cfg, 'pretrain_feature_distill', epochs=1)
     if cfg.loss != 'l2': raise SidclipError(f"pretrain_feature_distill reads unlabelled images, but loss={cfg.loss!r} needs class labels: use loss='l2'.")
     ds = UnlabelledImageFolder(image_folder, transform or cfg.transform())
@@ -778,7 +777,7 @@ def finetune_feature_distill(student: nn.Module,       # the (pretrained) studen
                              **train_kw,               # passed to `train`
                             ) -> TrainResult:
     "Stage 2 (Popp et al.): L2 feature distillation on the synthetic images of the target domain."
-    from sidclip_guide.data import train_transform, ImageListDataset
+    from sidclip_guide.data import ImageListDataset
     cfg = _feature_cfg(cfg, 'finetune_feature_distill')
     if cfg.loss != 'l2' and class_names is None:
         raise SidclipError(f"loss={cfg.loss!r} needs class labels: pass class_names (the manifest's classes), or use loss='l2'.")
@@ -953,11 +952,10 @@ def _cli_resume(out: Path, resume: bool, restart: bool) -> bool:
 def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
                ) -> int:
     "Run `sidclip distill`; returns the exit code."
-    from safetensors.torch import save_file
     from accelerate import PartialState
-    from sidclip_guide.models import load_clip, TINY_CLIP
-    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG, STUDENT_CLIP
-    from sidclip_guide.data import load_split, save_split, make_toy_dataset, make_fewshot_split, train_transform, eval_transform, ImageListDataset
+    from sidclip_guide.models import TINY_CLIP
+    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG
+    from sidclip_guide.data import load_split, save_split, make_toy_dataset, make_fewshot_split, eval_transform, ImageListDataset
     cfg = _config_from_args(args); out = Path(args.out)
     if args.split: split = load_split(args.split)
     elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=cfg.seed)
@@ -976,7 +974,6 @@ def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
     res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
                 resume=resume, stop_after=args.stop_after)
     if PartialState().is_main_process:
-        from safetensors.torch import save
         save_student(res.student, out, student.spec)
         save_split(split, out/'split.json')     # the run's photos: `sidclip export` checks the export on them and scores int8 on the test set
         if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png')

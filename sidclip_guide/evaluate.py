@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import SidclipError, atomic_write_bytes, atomic_write_text, get_device, seed_everything
+from .utils import SidclipError, atomic_write_bytes, atomic_write_text, get_device
 from .models import ClipBundle, ImageEncoder, encode_texts, load_clip, TINY_CLIP
 from .data import (FewShotSplit, ImageListDataset, eval_transform, load_split, save_split,
-                                make_fewshot_split, load_dataset, make_toy_dataset)
+                                make_fewshot_split, load_train_test, make_toy_dataset)
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'resolve_templates', 'zero_shot_weights', 'zero_shot_logits', 'extract_features', 'LinearProbe',
@@ -386,11 +386,7 @@ def _split_from_args(args, out: Path) -> FewShotSplit:
         return load_split(args.split, root=args.root)
     if not (args.dataset and args.data_root):
         raise SidclipError("sidclip eval needs --split SPLIT.json, or --dataset NAME --data-root DIR (e.g. --dataset imagefolder).")
-    info = load_dataset(args.dataset, args.data_root, 'train', download=args.download)
-    if args.category: info.category = args.category
-    test_root = Path(args.data_root)/'test'
-    if info.name == 'imagefolder': test_info = load_dataset('imagefolder', test_root) if test_root.is_dir() else None
-    else: test_info = load_dataset(args.dataset, args.data_root, 'test', download=args.download)
+    info, test_info = load_train_test(args.dataset, args.data_root, args.download, args.category)
     split = make_fewshot_split(info, 16 if args.k is None else args.k, args.seed, args.n_val, test_info, args.max_test_per_class)
     save_split(split, out/'split.json')
     return split

@@ -16,7 +16,7 @@ from .synthesize import MixSpec, PromptSpec, GenRequest, cond_from_dict
 from .prompts import PromptConfig, build_prompts, text_prompts, builtin_config, load_dimensions
 
 # %% auto #0
-__all__ = ['N_PER_CLASS', 'MANIFEST', 'GENERATORS', 'SYNTH_MODES', 'SYNTH_EXTS', 'NoiseGenerator', 'class_shots', 'plan_items',
+__all__ = ['N_PER_CLASS', 'SYNTH_MODES', 'MANIFEST', 'GENERATORS', 'SYNTH_EXTS', 'NoiseGenerator', 'class_shots', 'plan_items',
            'item_file', 'manifest_record', 'read_manifest', 'retry_attempt', 'run_generation', 'merge_manifests',
            'run_sharded', 'SyntheticDataset', 'plot_sample_grid', 'make_generator', 'SynthConfig', 'synth_generator',
            'add_synth_parser', 'prompt_config', 'run_synth', 'main']
@@ -66,6 +66,7 @@ def class_shots(src,                     # a `FewShotSplit`, {class: [shot paths
     raise SidclipError(f"Can't read classes from {type(src).__name__}: pass a FewShotSplit, a {{class: [shot paths]}} dict or a list of class names.")
 
 N_PER_CLASS = 300   # SIDCLIP's synthetic images per class: the default count of 'mix' and 'text' modes
+SYNTH_MODES = ('mix', 'prompt', 'text')   # class name + shot embeddings (SIDCLIP), covering-array prompts (Popp et al.), class name only
 
 def plan_items(split_or_classes,               # a `FewShotSplit`, {class: [shot paths]}, or [class names]
                mode: str = 'mix',               # 'mix' (SIDCLIP Kandinsky mixtures), 'prompt' (diversified prompts), 'text' ('a photo of a {c}')
@@ -76,7 +77,7 @@ def plan_items(split_or_classes,               # a `FewShotSplit`, {class: [shot
                schedule=None,                   # optional weight schedule passed to `draw_mix_specs`
               ) -> list[GenRequest]:
     "Deterministic generation requests: ids `{slug}-{i:05d}`, seeds `stable_seed(seed, class, i)`."
-    if mode not in ('mix', 'prompt', 'text'): raise SidclipError(f"Unknown mode {mode!r}: use 'mix', 'prompt' or 'text'.")
+    if mode not in SYNTH_MODES: raise SidclipError(f"Unknown mode {mode!r}: use one of {SYNTH_MODES}.")
     if n_per_class is not None and n_per_class < 1: raise SidclipError(f"n_per_class must be >= 1, got {n_per_class}.")
     reqs = []
     for c, shots in class_shots(split_or_classes, shots_k).items():
@@ -383,7 +384,6 @@ def make_generator(name: str,                 # one of `GENERATORS`
     raise SidclipError(f"Unknown generator {name!r}: choose one of {GENERATORS}.")
 
 # %% ../nbs/06_generate.ipynb #8dbd51ea
-SYNTH_MODES = ('mix', 'prompt', 'text')   # class name + shot embeddings (SIDCLIP), covering-array prompts (Popp et al.), class name only
 SYNTH_EXTS = ('png', 'jpg', 'webp')
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import SidclipError, atomic_save_image, atomic_write_text, stable_seed, get_device, seed_everything, cpu_threads
+from .utils import SidclipError, atomic_save_image, atomic_write_text, stable_seed, get_device, seed_everything
 from .data import DatasetInfo, ImageListDataset, load_dataset, _SHAPES, _COLOURS, _draw_shape
 from .teacher import clip_teacher
 
@@ -409,7 +409,6 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
 # %% ../nbs/11_probes.ipynb #67c88fa8
 def add_probe_parser(subparsers) -> argparse.ArgumentParser:
     "Add `sidclip probe` to an argparse subparsers object."
-    d = ProbeConfig()
     p = subparsers.add_parser('probe', help='probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues',
                               description='Fit a linear head on the split\'s shots on top of a CLIP image tower, then measure top-1 under '
                                           'ImageNet-C style corruptions on the test set, synthetic->real and real->synthetic transfer '
@@ -429,12 +428,6 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu', help="torch device (default: cpu; 'auto' picks a GPU)")
     p.set_defaults(func=run_probe)
     return p
-
-def _csv_list(s: str, what: str, conv=str) -> tuple:
-    try: vals = tuple(conv(v.strip()) for v in s.split(',') if v.strip())
-    except ValueError: raise SidclipError(f"--{what} {s!r}: expected a comma-separated list, e.g. 1,3,5.") from None
-    if not vals: raise SidclipError(f"--{what} is empty: give at least one value.")
-    return vals
 
 def run_probe(args: argparse.Namespace, # parsed `sidclip probe` arguments
              ) -> int:

@@ -9,12 +9,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text, config_to_dict,
                                  config_from_dict, config_yaml, read_config_file, get_device)
 from .generate import SynthConfig, N_PER_CLASS
-from .distill import DistillConfig, TeacherConfig
+from .distill import DistillConfig, TeacherConfig, _NO_EFFECT as DISTILL_NO_EFFECT
 from .student import StudentConfig
 from .probes import ProbeConfig
 
@@ -146,8 +144,8 @@ def stage(name: str, reads: tuple):
         STAGES[name] = Stage(name, fn, reads, (fn.__doc__ or '').strip()); return fn
     return deco
 
-_NO_EFFECT = {'device', 'stages', 'distill.device', 'distill.progress', 'distill.num_workers', 'distill.out_dir', 'distill.save_every',
-              'distill.keep', 'distill.eval_every', 'synth.batch_size', 'synth.cpu_offload', 'probe.batch_size'}   # settings that do not change results
+_NO_EFFECT = ({'device', 'stages', 'synth.batch_size', 'synth.cpu_offload', 'probe.batch_size'}   # settings that do not change results;
+              | {f'distill.{k}' for k in DISTILL_NO_EFFECT})                                       # the distill ones are the engine's own list
 
 def _reads(cfg: RunConfig, reads: tuple) -> dict:
     d = config_to_dict(cfg)
@@ -199,7 +197,14 @@ class Run:
 
     @property
     def distill_cfg(self) -> DistillConfig:
-        return replace(self.cfg.distill, seed=self.cfg.seed, device=self.cfg.device, out_dir=str(self.path('distill')), progress=self.progress)
+        return replace(self.cfg.distill, out_dir=str(self.path('distill')), progress=self.progress)   # seed and device: `resolved`
+
+    def new_student(self):
+        "A freshly built student for this run (the distill stage trains it; the evaluate stage probes its untrained features)."
+        from sidclip_guide.distill import make_student
+        bundle, teacher = self.teacher
+        return make_student(self.split.class_names, self.distill_cfg, teacher_dim=teacher.embed_dim, category=self.split.category,
+                            text_bundle=bundle, config=self.cfg.student)
 
     @property
     def student(self):
@@ -212,16 +217,10 @@ def load_data(d: DataConfig,  # which dataset
               seed: int = 0,  # seed of the toy images
              ) -> tuple:
     "The training pool and the test set (None: the pool's left-overs) a `DataConfig` names."
-    from sidclip_guide.data import load_dataset, make_toy_dataset
+    from sidclip_guide.data import load_train_test, make_toy_dataset
     if d.dataset == 'toy': return make_toy_dataset(out/'toy', n_classes=d.toy_classes, n_per_class=d.toy_per_class, seed=seed), None
     if not d.root: raise SidclipError(f"data.root is not set: give the folder of {d.dataset!r} (e.g. --data.root /data/{d.dataset}).")
-    info = load_dataset(d.dataset, d.root, 'train', download=d.download)
-    if info.name == 'imagefolder': test = load_dataset('imagefolder', d.root, 'test') if (Path(d.root)/'test').is_dir() else None
-    else: test = load_dataset(d.dataset, d.root, 'test', download=d.download)
-    if d.category:
-        info.category = d.category
-        if test is not None: test.category = d.category
-    return info, test
+    return load_train_test(d.dataset, d.root, d.download, d.category)
 
 @stage('split', reads=('data',))
 def split_stage(run: Run) -> dict:
@@ -268,11 +267,10 @@ def teacher_stage(run: Run) -> dict:
 @stage('distill', reads=('distill', 'student'))
 def distill_stage(run: Run) -> dict:
     "train the student (checkpointed; a rerun resumes from distill/checkpoints)"
-    from sidclip_guide.data import ImageListDataset, train_transform, eval_transform, save_split
-    from sidclip_guide.distill import make_student, build_distill_dataset, train, save_student, latest_checkpoint, plot_metrics
+    from sidclip_guide.data import ImageListDataset, eval_transform, save_split
+    from sidclip_guide.distill import build_distill_dataset, train, save_student, latest_checkpoint, plot_metrics
     from sidclip_guide.generate import MANIFEST
-    cfg, split, (bundle, teacher) = run.distill_cfg, run.split, run.teacher
-    student = make_student(split.class_names, cfg, teacher_dim=teacher.embed_dim, category=split.category, text_bundle=bundle, config=run.cfg.student)
+    cfg, split, teacher, student = run.distill_cfg, run.split, run.teacher[1], run.new_student()
     manifest = run.shared('synth', MANIFEST) if run.uses_synthetic else None
     if run.cfg.data.k == 0 and manifest is None: raise SidclipError("data.k is 0 and there are no synthetic images: the student has nothing to learn from; keep the synth stage.")
     ds = build_distill_dataset(split, run.cfg.data.k, manifest, manifest is not None,
@@ -289,15 +287,13 @@ def distill_stage(run: Run) -> dict:
 # %% ../nbs/14_recipe.ipynb #c332830d
 def _frozen_probe_top1(run: Run) -> float:
     "Top-1 of a linear probe on the freshly built (not distilled) student's normalised features, fitted on the shots."
-    from sidclip_guide.distill import make_student
     from sidclip_guide.evaluate import linear_probe
     from sidclip_guide.probes import _extract
     from sidclip_guide.data import ImageListDataset, eval_transform
-    split, cfg = run.split, run.distill_cfg
+    split = run.split
     if not split.train: return float('nan')
-    bundle, teacher = run.teacher
-    fresh = make_student(split.class_names, cfg, teacher_dim=teacher.embed_dim, category=split.category, text_bundle=bundle, config=run.cfg.student)
-    tf = eval_transform(cfg.image_size)
+    fresh = run.new_student()
+    tf = eval_transform(run.distill_cfg.image_size)
     xt, yt = _extract(fresh, ImageListDataset(split.shots(), tf), 64, run.device)
     xs, ys = _extract(fresh, ImageListDataset(split.test_items(), tf), 64, run.device)
     probe = linear_probe(xt, yt, seed=run.cfg.seed, n_classes=len(split.class_names))
@@ -306,21 +302,20 @@ def _frozen_probe_top1(run: Run) -> float:
 @stage('evaluate', reads=())
 def evaluate_stage(run: Run) -> dict:
     "test top-1 of teacher, student and the frozen-feature probe; eval/results.csv and the student's confusion matrix"
-    from sidclip_guide.evaluate import results_table, save_results, plot_confusion
+    from sidclip_guide.evaluate import results_table, save_results, plot_confusion, accuracy
     from sidclip_guide.probes import predict
     from sidclip_guide.data import ImageListDataset, eval_transform
     split, student = run.split, run.student
     test = split.test_items()
-    rows = [dict(model='student (distilled)', top1=_top1(student, test, student.image_size, run.device))]
-    if run.base is None:   # a grid cell shares its teacher (scored by the teacher stage) and reports the student only
-        teacher = run.teacher[1]
-        rows = [dict(model='teacher (head on the shots)', top1=_top1(teacher, test, teacher.image_size, run.device)), *rows,
+    logits, labels = predict(student, ImageListDataset(test, eval_transform(student.image_size)), device=run.device)
+    rows = [dict(model='student (distilled)', top1=accuracy(logits, labels, (1,))['top1'])]
+    if run.base is None:   # a grid cell shares its teacher and reports the student only
+        teacher_top1 = json.loads(run.record('teacher').read_text())['summary']['test_top1']   # the teacher stage scored it on this test set
+        rows = [dict(model='teacher (head on the shots)', top1=teacher_top1), *rows,
                 dict(model='linear probe on the untrained student', top1=_frozen_probe_top1(run))]
+        plot_confusion(labels.tolist(), logits.argmax(1).tolist(), split.class_names, run.path('eval', 'confusion_student.png'), title='student')
     rows = [dict(r, k=run.cfg.data.k, seed=run.cfg.seed, n_test=len(test)) for r in rows]
     save_results(results_table(rows), run.path('eval'))
-    if run.base is None:
-        logits, _ = predict(student, ImageListDataset(test, eval_transform(student.image_size)), device=run.device)
-        plot_confusion([y for _, y in test], logits.argmax(1).tolist(), split.class_names, run.path('eval', 'confusion_student.png'), title='student')
     return {r['model']: round(r['top1'], 4) for r in rows}
 
 # %% ../nbs/14_recipe.ipynb #347c1849
@@ -365,10 +360,12 @@ def stage_states(run: Run) -> dict:
 def plan_run(cfg: RunConfig, out: str | Path) -> dict:
     "What `run_recipe` would do: stage states, synthetic images to make, student training samples, GPU-hours and disk (estimates)."
     from sidclip_guide.distill import epoch_batches, step_budget
-    from sidclip_guide.generate import read_manifest
+    from sidclip_guide.generate import read_manifest, prompt_config
+    from sidclip_guide.prompts import build_prompts
     run = Run(cfg, out); cfg, s, d = run.cfg, run.cfg.synth, run.cfg.distill
     n_cls = _n_classes(run)
-    per_class = 0 if not run.uses_synthetic else (s.n_per_class if s.n_per_class is not None else (N_PER_CLASS if s.mode != 'prompt' else 265))
+    per_class = 0 if not run.uses_synthetic else (s.n_per_class if s.n_per_class is not None else
+                                                  N_PER_CLASS if s.mode != 'prompt' else len(build_prompts('x', prompt_config(s, cfg.seed))))   # one per covering row
     have = len(read_manifest(run.shared('synth'))) if run.shared('synth', 'manifest.jsonl').exists() else 0
     images = None if n_cls is None else n_cls * per_class
     todo = None if images is None else max(images - have, 0)

@@ -134,11 +134,15 @@ def slugify(name: str, # any class name
     return f"{s or 'class'}-{h}"
 
 # %% ../nbs/00_utils.ipynb #d2508a64
+def _unoptional(hint):
+    "`X` of `X | None`, else `hint`."
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(hint) and len(args) == 1 else hint
+
 def _typed(hint, v, where: str):
     "`v` (a YAML value or a flag's string) as the field type `hint` wants: `X | None`, tuples, numbers written as strings."
     if v is None: return None
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if type(None) in typing.get_args(hint) and len(args) == 1: hint = args[0]
+    hint = _unoptional(hint)
     if dataclasses.is_dataclass(hint): return config_from_dict(hint, v, where)
     if (typing.get_origin(hint) or hint) is tuple:
         if isinstance(v, str): v = [x.strip() for x in v.split(',') if x.strip()]
