@@ -4,64 +4,67 @@
 
 # %% ../nbs/90_cli.ipynb #cec79c96
 from __future__ import annotations
-import sys, argparse, importlib, dataclasses, typing
+import sys, time, argparse, dataclasses, typing
 from pathlib import Path
 
 from . import __version__
-from .utils import SidclipError, atomic_write_text, os_error_message, _typed, _unoptional, config_from_dict, read_config_file
+from .utils import SidclipError, atomic_write_text, os_error_message, _typed, _unoptional, config_from_dict, read_config_file, get_device
 
 # %% auto #0
-__all__ = ['STAGE_PARSERS', 'WIRING_NOTE', 'run_demo', 'config_arguments', 'config_from_args', 'config_file_base',
-           'add_export_parser', 'add_predict_parser', 'add_run_parser', 'add_demo_parser', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'DEVICE_HELP', 'WIRING_NOTE', 'command', 'device_and_quiet', 'build_parser', 'main', 'config_arguments',
+           'config_from_args', 'config_file_base', 'eval_args', 'synth_args', 'distill_args', 'probe_args', 'run_args',
+           'export_args', 'predict_args', 'run_demo', 'demo_args']
 
-# %% ../nbs/90_cli.ipynb #36f6428f
-STAGE_PARSERS = [  # (command, module, parser function, one-line help for `sidclip --help`)
-    ('eval', 'sidclip_guide.evaluate', 'add_eval_parser', 'zero-shot / linear-probe accuracy of a CLIP on a few-shot split'),
-    ('synth', 'sidclip_guide.generate', 'add_synth_parser', 'generate the synthetic training set (resumable, shardable)'),
-    ('distill', 'sidclip_guide.distill', 'add_distill_parser', 'distil a CLIP teacher into a small student (SIDCLIP KD or feature distillation)'),
-    ('probe', 'sidclip_guide.probes', 'add_probe_parser', 'probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues'),
-    ('export', 'sidclip_guide.cli', 'add_export_parser', 'export a trained student to ONNX (parity-checked on real photos; optional int8) or torch.export'),
-    ('predict', 'sidclip_guide.cli', 'add_predict_parser', 'classify images with an exported student (.onnx: no torch needed) or a run folder'),
-    ('run', 'sidclip_guide.cli', 'add_run_parser', 'the whole recipe into one run folder: split, synth, teacher, distill, evaluate, probe (resumable)')]
+# %% ../nbs/90_cli.ipynb #d787569c
+COMMANDS = {}   # command -> (one-line help for `sidclip --help`, function that fills its parser), in the method's order
 
-def _attr(module: str, # a stage module, e.g. 'sidclip_guide.distill'
-          name: str,   # a function in it
-         ):
-    "Import `module` and return its attribute `name`."
-    return getattr(importlib.import_module(module), name)
+def command(name: str, # the subcommand, e.g. 'distill'
+            help: str, # its line in `sidclip --help`
+           ):
+    "Register the decorated `fn(parser)` as what fills `sidclip name`'s parser; its docstring is the command's description."
+    def register(fn):
+        COMMANDS[name] = (help, fn); return fn
+    return register
 
-# %% ../nbs/90_cli.ipynb #49947f88
-WIRING_NOTE = ('Tiny random-weight models measure **wiring, not accuracy**: these numbers show that every stage runs '
-               'end to end, not how well the method works. Use the real CLIP teacher and Kandinsky/SDXL weights on a GPU '
-               'for results.')
+DEVICE_HELP = "torch device: cpu, cuda, cuda:1, mps, or auto for the best available (default: auto)"
 
-def run_demo(out: str | Path = 'sidclip-demo', # run folder
-             device: str = 'cpu',               # torch device
-             seed: int = 0,                     # the run's seed
-             grid: bool = True,                 # also the one-seed grid of SIDCLIP's Table 1 rows
-             log=print,                         # where progress lines go
-            ) -> dict:
-    "`sidclip run tiny` into `out`, then the Table 1 rows at its shots into `out/grid`; returns the run's stage summaries."
-    from sidclip_guide.recipe import preset_config, run_recipe, run_grid, grid_tables, write_grid_report, GridConfig, TABLES
-    from sidclip_guide.evaluate import to_markdown
-    out = Path(out).resolve()
-    cfg = preset_config('tiny', {'seed': seed, 'device': device})
-    log(f'sidclip demo -> {out}\n{WIRING_NOTE.replace("**", "")}')
-    res = run_recipe(cfg, out, log=log)
-    if grid:
-        g = GridConfig(methods=tuple(m for m in TABLES['table1'][1] if m != 'teacher'), shots=(cfg.data.k,), seeds=(seed,))
-        df = run_grid(cfg, out/'grid', g, log=log)
-        write_grid_report(df, out/'grid', cfg)
-        title, t = grid_tables(df, teacher=cfg.teacher.name)['table1']
-        report = out/'report.md'
-        atomic_write_text(report, report.read_text() + f'\n## {title} (one seed; all rows: `grid/report.md`)\n\n{to_markdown(t.reset_index())}\n')
-    log(f"Report: {out/'report.md'}")
-    return res
+def device_and_quiet(p: argparse.ArgumentParser, # a subcommand's parser
+                     *quiet_aliases: str,         # older names of --quiet
+                    ) -> None:
+    "The two flags every command shares: `--device` (default auto: the best available) and `--quiet`."
+    p.add_argument('--device', default='auto', help=DEVICE_HELP)
+    p.add_argument('--quiet', *quiet_aliases, dest='quiet', action='store_true', help='no progress bars')
 
-def _demo_cmd(args: argparse.Namespace) -> int:
-    "Run `sidclip demo` from parsed arguments."
-    run_demo(args.out, args.device, args.seed, not args.no_grid)
-    return 0
+# %% ../nbs/90_cli.ipynb #e39fb9d0
+def build_parser(command: str | None = None, # build this command's full parser (imports its stage module); the others get a help line only
+                ) -> argparse.ArgumentParser:
+    "The `sidclip` argument parser, from `COMMANDS`; only `command`'s stage module is imported."
+    p = argparse.ArgumentParser(prog='sidclip', description='Distil a large CLIP into a small task-specific classifier '
+                                '(SIDCLIP: Synthesize, Initialize, Distill; and zero-shot feature distillation).')
+    p.add_argument('--version', action='version', version=f'sidclip-guide {__version__}')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (help, fill) in COMMANDS.items():
+        if name == command: fill(sub.add_parser(name, help=help, description=fill.__doc__))
+        else: sub.add_parser(name, help=help, add_help=False)
+    return p
+
+# %% ../nbs/90_cli.ipynb #10afa443
+def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
+        ) -> int:
+    "Entry point of the `sidclip` console script: returns the exit code (2 for bad input)."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith('-')), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if not getattr(args, 'func', None):
+        parser.print_help(); return 1
+    try: return int(args.func(args) or 0)
+    except SidclipError as e:
+        print(f'sidclip {args.command}: error: {e}', file=sys.stderr); return 2
+    except KeyboardInterrupt:
+        print(f'sidclip {args.command}: interrupted; everything written so far is complete and a re-run resumes.', file=sys.stderr); return 130
+    except OSError as e:   # disk full, read-only file system, a file where a folder should be: the path and the cause, no traceback
+        print(f'sidclip {args.command}: error: {os_error_message(e)}', file=sys.stderr); return 2
 
 # %% ../nbs/90_cli.ipynb #5abfb9eb
 def _flag_type(hint):
@@ -116,71 +119,224 @@ def config_file_base(cls, path: str | Path | None, base=None):
     base = base if base is not None else cls()
     return base if path is None else config_from_dict(cls, read_config_file(path), str(path), base)
 
-# %% ../nbs/90_cli.ipynb #ae501069
-def add_export_parser(sub) -> argparse.ArgumentParser:
-    "Add `sidclip export`: a run's student to ONNX (optional int8) or torch.export, checked against PyTorch."
-    from sidclip_guide.deploy import ExportConfig
-    p = sub.add_parser('export', help='export a trained student to ONNX (parity-checked on real photos; optional int8) or torch.export',
-                       description='Export the student of a `sidclip distill` run as one file with its class names and preprocessing inside '
-                                   '(ONNX for ONNX Runtime, or a torch.export .pt2). The export is checked against PyTorch on real photos of the '
-                                   'run (max |Δ logit| and top-1 agreement) and refused if it differs; --int8 also writes a static int8 ONNX '
-                                   'model and reports its top-1 change on the run\'s test photos. Results go to RUN/export/export.json.')
-    p.add_argument('run', help='a `sidclip distill` run folder (student.safetensors, student.json, split.json)')
-    config_arguments(p, ExportConfig)
-    p.add_argument('--out', default=None, help='folder for the exported files (default: RUN/export)')
-    p.add_argument('--images', default=None, help='folder of real photos of the task to check the export on (runs without split.json)')
-    p.set_defaults(func=_export_cmd)
-    return p
+# %% ../nbs/90_cli.ipynb #15e75759
+@command('eval', 'zero-shot / linear-probe accuracy of a CLIP on a few-shot split')
+def eval_args(p: argparse.ArgumentParser):
+    "Evaluate a CLIP model zero-shot (text prompts) and, optionally, with a linear probe on the k real shots. Writes results.csv, results.md and confusion plots to --out."
+    from sidclip_guide.models import TINY_CLIP
+    from sidclip_guide.evaluate import TEMPLATES
+    src = p.add_argument_group('data (give --split, or --dataset and --data-root)')
+    src.add_argument('--split', help='split JSON written by save_split')
+    src.add_argument('--root', help='image folder the split paths start from (if the data moved)')
+    src.add_argument('--dataset', help='flowers102, food101, pets, cars or imagefolder: build a split on the fly')
+    src.add_argument('--data-root', help='dataset folder for --dataset')
+    src.add_argument('--download', action='store_true', help='let torchvision download --dataset')
+    src.add_argument('--seed', type=int, default=0, help='split seed for --dataset (default 0)')
+    src.add_argument('--n-val', type=int, default=0, help='validation images per class for --dataset (default 0)')
+    src.add_argument('--max-test-per-class', type=int, default=None, help='cap test images per class for --dataset')
+    src.add_argument('--category', default=None, help="prompt category for --dataset (default: the dataset's, 'object' for imagefolder)")
+    p.add_argument('--model', default=TINY_CLIP, help=f'open_clip name, hf-hub:org/repo or local-dir:PATH (default {TINY_CLIP})')
+    p.add_argument('--pretrained', default=None, help="open_clip tag (e.g. 'openai') or checkpoint file; none = random weights")
+    p.add_argument('--templates', default='simple', choices=list(TEMPLATES), help='prompt template set (default simple)')
+    p.add_argument('--k', type=int, default=None, help="shots per class (default: the split's k; 16 with --dataset)")
+    p.add_argument('--linear-probe', action='store_true', help='also fit a linear probe on the k shots')
+    p.add_argument('--out', default='sidclip-eval', help='output folder (default ./sidclip-eval)')
+    p.add_argument('--batch-size', type=int, default=64, help='images per forward pass (default 64)')
+    device_and_quiet(p)
+    p.set_defaults(func=_eval_cmd)
 
-def _export_cmd(args: argparse.Namespace) -> int:
-    "Run `sidclip export` from parsed arguments."
-    from sidclip_guide.deploy import ExportConfig, export_run
-    rep = export_run(args.run, config_from_args(ExportConfig, args), args.out, args.images, log=print)
-    print(f"export: {rep['file']}" + (f" and {rep['int8']['file']}" if 'int8' in rep else '') + f"; report {Path(rep['file']).parent/'export.json'}")
+def _eval_split(args: argparse.Namespace, out: Path):
+    "The split named by --split, or one built from --dataset/--data-root (and saved into out)."
+    from sidclip_guide.data import load_split, save_split, load_train_test, make_fewshot_split
+    if args.split:
+        if args.dataset: raise SidclipError("Give either --split or --dataset, not both.")
+        return load_split(args.split, root=args.root)
+    if not (args.dataset and args.data_root):
+        raise SidclipError("sidclip eval needs --split SPLIT.json, or --dataset NAME --data-root DIR (e.g. --dataset imagefolder).")
+    info, test_info = load_train_test(args.dataset, args.data_root, args.download, args.category)
+    split = make_fewshot_split(info, 16 if args.k is None else args.k, args.seed, args.n_val, test_info, args.max_test_per_class)
+    save_split(split, out/'split.json')
+    return split
+
+def _eval_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip eval`: zero-shot (and linear-probe) rows, a confusion plot per method, the table on stdout."
+    from sidclip_guide.models import load_clip, ImageEncoder
+    from sidclip_guide.evaluate import (evaluate_zero_shot, evaluate_linear_probe, plot_confusion, results_table, save_results,
+                                        to_markdown)
+    out, device = Path(args.out), get_device(args.device)
+    split = _eval_split(args, out)
+    k = args.k if args.k is not None else split.k
+    bundle = load_clip(args.model, args.pretrained, device=device)
+    res = [evaluate_zero_shot(bundle, split, args.templates, device, args.batch_size, progress=not args.quiet)]
+    if args.linear_probe:
+        res.append(evaluate_linear_probe(ImageEncoder.from_open_clip(bundle), split, k, device, args.batch_size, progress=not args.quiet))
+    rows = [dict(stage='evaluate', method=r['method'], metric=m, value=r[m], model=args.model, pretrained=args.pretrained or 'random',
+                 templates=args.templates, k=k if r['method'] == 'linear-probe' else 0, n_test=r['n_test'])
+            for r in res for m in ('top1', 'top5')]
+    for r in res:
+        plot_confusion(r['y_true'], r['y_pred'], split.class_names, out/f"confusion_{r['method']}.png", title=f"{args.model} {r['method']}")
+    df = results_table(rows)
+    save_results(df, out)
+    print(to_markdown(df))
     return 0
 
-# %% ../nbs/90_cli.ipynb #6df3011b
-def add_predict_parser(sub) -> argparse.ArgumentParser:
-    "Add `sidclip predict`: top-k classes of image files and folders (torch-free with an .onnx model)."
-    from sidclip_guide.serve import PREDICTION_FORMATS
-    p = sub.add_parser('predict', help='classify images with an exported student (.onnx: no torch needed) or a run folder',
-                       description='Print (or write) the top-k classes and probabilities of each image. MODEL is a .onnx file from '
-                                   '`sidclip export` (runs with numpy, Pillow and onnxruntime only), a folder holding one, or a `sidclip '
-                                   'distill` run folder (needs torch). Unreadable images are named on stderr, the rest are classified, '
-                                   'and the exit code is then 1.')
-    p.add_argument('model', help='.onnx file, export folder, or run folder')
-    p.add_argument('images', nargs='+', help='image files and folders (searched recursively)')
-    p.add_argument('--top', type=int, default=5, help='classes per image (default: 5)')
-    p.add_argument('--format', default='table', choices=sorted(PREDICTION_FORMATS), help='table (default), csv (one line per image and rank) or json')
-    p.add_argument('--out', default=None, help='write the predictions to this file (atomically) instead of stdout')
-    p.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default: 32)')
-    p.add_argument('--threads', type=int, default=None, help="CPU threads (default: the runtime's choice)")
-    p.set_defaults(func=_predict_cmd)
-    return p
+# %% ../nbs/90_cli.ipynb #1a3ad72e
+@command('synth', 'generate the synthetic training set (resumable, shardable)')
+def synth_args(p: argparse.ArgumentParser):
+    "Generate synthetic images per class with Kandinsky 2.2 mixtures (SIDCLIP) or diversified SDXL-LCM prompts (Popp et al.). Re-running resumes; run under `accelerate launch -m sidclip_guide synth` or `torchrun -m sidclip_guide synth` to shard over GPUs."
+    from sidclip_guide.generate import SynthConfig
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--split', help='few-shot split JSON (from save_split or a run folder)')
+    src.add_argument('--classes', help='comma-separated class names (prompt/text modes, or 0-shot mix)')
+    p.add_argument('--out', required=True, help='output folder (images + manifest.jsonl)')
+    p.add_argument('--k', type=int, default=None, help='shots per class mixed in (default: the split k)')
+    p.add_argument('--seed', type=int, default=0, help="seed of the plan: every image's seed derives from it and its class and index (default: 0)")
+    device_and_quiet(p, '--no-progress')
+    p.add_argument('--config', default=None, help='YAML file of SynthConfig settings (the flags below override it)')
+    config_arguments(p, SynthConfig, given_only=True)    # every SynthConfig field is a flag, with its comment as help
+    p.set_defaults(func=_synth_cmd)
 
-def _predict_cmd(args: argparse.Namespace) -> int:
-    "Run `sidclip predict` from parsed arguments; 1 when some images could not be read."
-    from sidclip_guide.serve import load_classifier, list_images, predict, format_predictions, IMAGE_EXTS
-    if args.top < 1 or args.batch_size < 1: raise SidclipError(f"--top {args.top} and --batch-size {args.batch_size} must be at least 1.")
-    paths = list_images(args.images)
-    if not paths: raise SidclipError(f"No images in {' '.join(args.images)}: pass image files, or folders holding {' '.join(IMAGE_EXTS)} files.")
-    rows = predict(load_classifier(args.model, args.threads), paths, args.top, args.batch_size)
-    text = format_predictions(rows, args.format)
-    if args.out: atomic_write_text(args.out, text)
-    else: sys.stdout.write(text)
-    bad = [r['error'] for r in rows if r['error']]
-    for e in bad: print(f'sidclip predict: error: {e}', file=sys.stderr)
-    if bad: print(f'sidclip predict: {len(bad)} of {len(rows)} images could not be read; the others were classified.', file=sys.stderr)
-    return 1 if bad else 0
+def _rank_device(asked: str, rank_dev) -> str:
+    "This process's device: accelerate's per-rank device for 'auto' (and 'cuda': this rank's GPU), else what was asked."
+    d = str(rank_dev)
+    return d if asked == 'auto' or (asked == 'cuda' and d.startswith('cuda')) else asked
 
-# %% ../nbs/90_cli.ipynb #aad112af
-def add_run_parser(sub) -> argparse.ArgumentParser:
-    "Add `sidclip run`: every stage of the recipe into one run folder, from presets, YAML files and `--section.field` flags."
+def _synth_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip synth`: plan, generate this process's slice, merge; returns an exit code."
+    import torch
+    from sidclip_guide.data import load_split
+    from sidclip_guide.generate import SynthConfig, plan_items, prompt_config, synth_generator, run_sharded, MANIFEST
+    if args.split: src = load_split(args.split); class_names = list(src.class_names)
+    else:
+        src = class_names = [c.strip() for c in args.classes.split(',') if c.strip()]
+        if not class_names: raise SidclipError('--classes is empty: give comma-separated class names.')
+    cfg = config_from_args(SynthConfig, args, config_file_base(SynthConfig, args.config)).validate()
+    reqs = plan_items(src, cfg.mode, cfg.n_per_class, args.seed, prompt_config(cfg, args.seed) if cfg.mode == 'prompt' else None, shots_k=args.k)
+    cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
+    st = run_sharded(lambda dev: synth_generator(cfg, _rank_device(args.device, dev), args.seed), reqs, args.out, cpu=cpu,
+                     batch_size=cfg.batch_size, class_names=class_names, ext=cfg.ext, max_attempts=cfg.max_attempts, progress=not args.quiet)
+    if st['rank'] == 0:
+        print(f"synth: {st['generated']} new, {st['existing']} existing on rank 0 ({st['images_per_s']:.2f} img/s); "
+              f"manifest: {Path(args.out)/MANIFEST}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #f4e78c12
+@command('distill', 'distil a CLIP teacher into a small student (SIDCLIP KD or feature distillation)')
+def distill_args(p: argparse.ArgumentParser):
+    "Fit the teacher head on the k real shots, then distil into the student on the shots plus their synthetic images. Checkpoints every epoch; re-running the same command continues the run exactly."
+    from sidclip_guide.distill import DistillConfig, TeacherConfig, RECIPES
+    p.add_argument('--split', help='few-shot split JSON (from save_split); optional with --tiny')
+    p.add_argument('--k', type=int, default=None, help="real shots per class (default: the split's k)")
+    p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) of synthetic images')
+    config_arguments(p, TeacherConfig, prefix='teacher.', given_only=True,   # --teacher.name, ... (and the older --teacher, --teacher-pretrained, ...)
+                     aliases={f'teacher.{f}': ['--teacher' if f == 'name' else f'--teacher-{f}'.replace('_', '-')]
+                              for f in ('name', 'pretrained', 'by_position', 'head_epochs')})
+    p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
+    p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
+    p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
+    p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
+    p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
+    config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True)
+    p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
+    p.add_argument('--out', required=True, help='run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)')
+    p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out (the default whenever --out holds one)')
+    p.add_argument('--restart', action='store_true', help="start from scratch: delete --out's checkpoints and metrics first")
+    p.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (time-boxed sessions; resume later)')
+    p.add_argument('--tiny', action='store_true', help='offline smoke mode: tiny random CLIP teacher and student, toy data if no --split')
+    p.add_argument('--quiet', action='store_true', help='no progress bars')   # --device is DistillConfig's (None: the best available)
+    p.set_defaults(func=_distill_cmd)
+
+def _distill_config(a: argparse.Namespace):
+    "The run's settings: the --recipe preset (tiny with --tiny), then the --config file, then every flag the user gave."
+    from sidclip_guide.distill import DistillConfig, RECIPES, TINY
+    cfg = config_from_args(DistillConfig, a, config_file_base(DistillConfig, a.config, RECIPES[a.recipe](**(TINY if a.tiny else {}))))
+    return dataclasses.replace(cfg, out_dir=a.out, progress=not a.quiet).validate()
+
+def _resume_or_restart(out: Path, resume: bool, restart: bool) -> bool:
+    "Re-running the same command continues: resume whenever `out` holds a checkpoint; `restart` deletes the old run first."
+    from sidclip_guide.distill import latest_checkpoint
+    if resume and restart: raise SidclipError("--resume and --restart contradict each other: pick one.")
+    ck = out/'checkpoints'
+    if restart:
+        import shutil
+        shutil.rmtree(ck, ignore_errors=True)   # every process of a DDP launch gets here: whoever is first deletes
+        for f in ('metrics.jsonl', 'config.json'): (out/f).unlink(missing_ok=True)
+        return False
+    found = ck.is_dir() and latest_checkpoint(ck) is not None
+    if found and not resume: print(f"distill: {out} holds a run: continuing it (--restart starts over).")
+    return resume or found
+
+# %% ../nbs/90_cli.ipynb #a94497d7
+def _distill_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip distill`: teacher head, student, training (resumed when --out holds the run); the student and its split saved."
+    from accelerate import PartialState
+    from sidclip_guide.models import TINY_CLIP
+    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG
+    from sidclip_guide.data import load_split, save_split, make_toy_dataset, make_fewshot_split, eval_transform, ImageListDataset
+    from sidclip_guide.distill import (TeacherConfig, build_teacher, make_student, build_distill_dataset, train, save_student,
+                                       plot_metrics, read_metrics)
+    cfg = _distill_config(args); out = Path(args.out)
+    if args.split: split = load_split(args.split)
+    elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=cfg.seed)
+    else: raise SidclipError("sidclip distill needs --split SPLIT.json (or --tiny for an offline smoke run).")
+    k = split.k if args.k is None else args.k
+    tcfg = config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.')
+    tbundle, teacher = build_teacher(tcfg, split, k, cfg.device, cfg.seed)
+    student = make_student(split.class_names, cfg, TINY_STUDENT if args.tiny else args.student, args.student_pretrained,
+                           TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
+                           teacher.embed_dim, split.category, text_bundle=tbundle)
+    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class)
+    test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
+    res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
+                resume=_resume_or_restart(out, args.resume, args.restart), stop_after=args.stop_after)
+    if PartialState().is_main_process:
+        save_student(res.student, out, student.spec)
+        save_split(split, out/'split.json')     # the run's photos: `sidclip export` checks the export on them and scores int8 on the test set
+        last = {}
+        if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png'); last = read_metrics(out/'metrics.jsonl')[-1]
+        print(f"distill: {len(ds)} training images, epoch {last.get('epoch')}, loss {last.get('loss', float('nan')):.4f}, "
+              f"test top-1 {last.get('test_top1')}; student -> {out/'student.safetensors'}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #6d7bb750
+@command('probe', 'probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues')
+def probe_args(p: argparse.ArgumentParser):
+    "Fit a linear head on the split's shots on top of a CLIP image tower, then measure top-1 under ImageNet-C style corruptions on the test set, synthetic->real and real->synthetic transfer (with --manifest), and reliance on colour/background in a toy shapes world (Popp et al.); with --run, the same for the student a `sidclip distill` run trained. Writes results.csv, results.md and probe_robustness.png to --out."
+    from sidclip_guide.probes import ProbeConfig
+    p.add_argument('--split', required=True, help='few-shot split JSON (from save_split)')
+    p.add_argument('--root', default=None, help="folder the split's relative paths start from (default: the one stored in the split)")
+    p.add_argument('--model', required=True, help="CLIP to probe: open_clip name (ViT-L-14), 'hf-hub:org/repo' or a registered config")
+    p.add_argument('--pretrained', default=None, help='weights tag (openai) or checkpoint path (default: none = random init)')
+    p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) for the synthetic<->real transfer probe')
+    p.add_argument('--run', default=None, help='a `sidclip distill --out` folder: also probe the distilled student in it')
+    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--config', default=None, help='YAML file of ProbeConfig settings (the flags below override it)')
+    config_arguments(p, ProbeConfig, given_only=True, aliases={'kinds': ['--corruptions']})   # every ProbeConfig field is a flag
+    device_and_quiet(p)
+    p.set_defaults(func=_probe_cmd)
+
+def _probe_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip probe`: the teacher (and the run's student) through every probe; one summary line."
+    from sidclip_guide.data import load_split
+    from sidclip_guide.models import load_clip
+    from sidclip_guide.distill import synthetic_items, load_student
+    from sidclip_guide.probes import ProbeConfig, probe_teacher
+    cfg = config_from_args(ProbeConfig, args, config_file_base(ProbeConfig, args.config)).validate()
+    split, device = load_split(args.split, root=args.root), get_device(args.device)
+    synthetic = synthetic_items(args.manifest, split.class_names) if args.manifest else None
+    bundle, t0 = load_clip(args.model, args.pretrained, device=str(device)), time.time()
+    student = load_student(args.run, device) if args.run else None
+    res = probe_teacher(bundle, split, args.out, cfg, synthetic, device, student)
+    s = res['robustness'].attrs
+    print(f"probe: clean top-1 {s['clean']:.3f}, mean corruption acc {s['mean_corruption_acc']:.3f} (relative drop {s['relative_drop']:.3f}); "
+          f"shapes colour_drop {res['shapes']['colour_drop']:.3f}; {time.time() - t0:.0f}s -> {Path(args.out) / 'results.md'}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #921a6062
+@command('run', 'the whole recipe into one run folder: split, synth, teacher, distill, evaluate, probe (resumable)')
+def run_args(p: argparse.ArgumentParser):
+    "Run Synthesize -> Initialize -> Distill -> Evaluate -> Probe into one folder. Settings come from presets and YAML files (left to right), then the --section.field flags; the resolved config.yaml is written into the run. Each stage is skipped when done and resumed when partial: after a crash, run the same command again. report.md is written at the end."
     from sidclip_guide.recipe import RunConfig, PRESETS, STAGE_NAMES
-    p = sub.add_parser('run', help='the whole recipe into one run folder: split, synth, teacher, distill, evaluate, probe (resumable)',
-                       description='Run Synthesize -> Initialize -> Distill -> Evaluate -> Probe into one folder. Settings come from presets and YAML files '
-                                   '(left to right), then the --section.field flags; the resolved config.yaml is written into the run. Each stage is '
-                                   'skipped when done and resumed when partial: after a crash, run the same command again. report.md is written at the end.')
     p.add_argument('configs', nargs='*', metavar='PRESET_OR_YAML', help=f"presets ({', '.join(PRESETS)}) and YAML files, applied left to right")
     p.add_argument('--out', required=True, help='run folder (config.yaml, stages/, split.json, synth/, teacher/, distill/, eval/, probe/, report.md)')
     p.add_argument('--dry-run', action='store_true', help='print the plan (stage states, images to synthesize, GPU-hours, disk) and exit')
@@ -190,7 +346,6 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     config_arguments(p, RunConfig, given_only=True)   # --seed, --device, --stages, --data.k, --distill.lr, ...: every field of every section
     p.set_defaults(func=_run_cmd)
-    return p
 
 def _run_cmd(args: argparse.Namespace) -> int:
     "Run `sidclip run` from parsed arguments."
@@ -212,48 +367,92 @@ def _run_cmd(args: argparse.Namespace) -> int:
     print(f"run: report {Path(args.out)/'report.md'}")
     return 0
 
-# %% ../nbs/90_cli.ipynb #32d66f9d
-def add_demo_parser(sub) -> argparse.ArgumentParser:
-    "Add `sidclip demo`: the whole path on tiny offline models."
-    p = sub.add_parser('demo', help='`sidclip run tiny`: every stage offline on tiny models, and a report',
-                       description='Run the whole recipe on tiny random-weight models, offline: a coloured-shapes dataset and its few-shot '
-                                   'split, tiny Kandinsky synthesis, the tiny CLIP teacher\'s head, distillation, evaluation against the '
-                                   'frozen-feature probe, and the probes (corruptions, synthetic<->real transfer, spurious cues); then '
-                                   'SIDCLIP\'s Table 1 rows at the same shots. Writes report.md. Tiny models measure wiring, not accuracy.')
+# %% ../nbs/90_cli.ipynb #341dba26
+@command('export', 'export a trained student to ONNX (parity-checked on real photos; optional int8) or torch.export')
+def export_args(p: argparse.ArgumentParser):
+    "Export the student of a `sidclip distill` run as one file with its class names and preprocessing inside (ONNX for ONNX Runtime, or a torch.export .pt2). The export is checked against PyTorch on real photos of the run (max |Δ logit| and top-1 agreement) and refused if it differs; --int8 also writes a static int8 ONNX model and reports its top-1 change on the run's test photos. Results go to RUN/export/export.json."
+    from sidclip_guide.deploy import ExportConfig
+    p.add_argument('run', help='a `sidclip distill` run folder (student.safetensors, student.json, split.json)')
+    config_arguments(p, ExportConfig)
+    p.add_argument('--out', default=None, help='folder for the exported files (default: RUN/export)')
+    p.add_argument('--images', default=None, help='folder of real photos of the task to check the export on (runs without split.json)')
+    p.set_defaults(func=_export_cmd)
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip export` from parsed arguments."
+    from sidclip_guide.deploy import ExportConfig, export_run
+    rep = export_run(args.run, config_from_args(ExportConfig, args), args.out, args.images, log=print)
+    print(f"export: {rep['file']}" + (f" and {rep['int8']['file']}" if 'int8' in rep else '') + f"; report {Path(rep['file']).parent/'export.json'}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #ab006f7c
+@command('predict', 'classify images with an exported student (.onnx: no torch needed) or a run folder')
+def predict_args(p: argparse.ArgumentParser):
+    "Print (or write) the top-k classes and probabilities of each image. MODEL is a .onnx file from `sidclip export` (runs with numpy, Pillow and onnxruntime only), a folder holding one, or a `sidclip distill` run folder (needs torch). Unreadable images are named on stderr, the rest are classified, and the exit code is then 1."
+    from sidclip_guide.serve import PREDICTION_FORMATS
+    p.add_argument('model', help='.onnx file, export folder, or run folder')
+    p.add_argument('images', nargs='+', help='image files and folders (searched recursively)')
+    p.add_argument('--top', type=int, default=5, help='classes per image (default: 5)')
+    p.add_argument('--format', default='table', choices=sorted(PREDICTION_FORMATS), help='table (default), csv (one line per image and rank) or json')
+    p.add_argument('--out', default=None, help='write the predictions to this file (atomically) instead of stdout')
+    p.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default: 32)')
+    p.add_argument('--threads', type=int, default=None, help="CPU threads (default: the runtime's choice)")
+    p.set_defaults(func=_predict_cmd)
+
+def _predict_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip predict` from parsed arguments; 1 when some images could not be read."
+    from sidclip_guide.serve import load_classifier, list_images, predict, format_predictions, IMAGE_EXTS
+    if args.top < 1 or args.batch_size < 1: raise SidclipError(f"--top {args.top} and --batch-size {args.batch_size} must be at least 1.")
+    paths = list_images(args.images)
+    if not paths: raise SidclipError(f"No images in {' '.join(args.images)}: pass image files, or folders holding {' '.join(IMAGE_EXTS)} files.")
+    rows = predict(load_classifier(args.model, args.threads), paths, args.top, args.batch_size)
+    text = format_predictions(rows, args.format)
+    if args.out: atomic_write_text(args.out, text)
+    else: sys.stdout.write(text)
+    bad = [r['error'] for r in rows if r['error']]
+    for e in bad: print(f'sidclip predict: error: {e}', file=sys.stderr)
+    if bad: print(f'sidclip predict: {len(bad)} of {len(rows)} images could not be read; the others were classified.', file=sys.stderr)
+    return 1 if bad else 0
+
+# %% ../nbs/90_cli.ipynb #49947f88
+WIRING_NOTE = ('Tiny random-weight models measure **wiring, not accuracy**: these numbers show that every stage runs '
+               'end to end, not how well the method works. Use the real CLIP teacher and Kandinsky/SDXL weights on a GPU '
+               'for results.')
+
+def run_demo(out: str | Path = 'sidclip-demo', # run folder
+             device: str = 'cpu',               # torch device
+             seed: int = 0,                     # the run's seed
+             grid: bool = True,                 # also the one-seed grid of SIDCLIP's Table 1 rows
+             log=print,                         # where progress lines go
+            ) -> dict:
+    "`sidclip run tiny` into `out`, then the Table 1 rows at its shots into `out/grid`; returns the run's stage summaries."
+    from sidclip_guide.recipe import preset_config, run_recipe, run_grid, grid_tables, write_grid_report, GridConfig, TABLES
+    from sidclip_guide.evaluate import to_markdown
+    out = Path(out).resolve()
+    cfg = preset_config('tiny', {'seed': seed, 'device': device})
+    log(f'sidclip demo -> {out}\n{WIRING_NOTE.replace("**", "")}')
+    res = run_recipe(cfg, out, log=log)
+    if grid:
+        g = GridConfig(methods=tuple(m for m in TABLES['table1'][1] if m != 'teacher'), shots=(cfg.data.k,), seeds=(seed,))
+        df = run_grid(cfg, out/'grid', g, log=log)
+        write_grid_report(df, out/'grid', cfg)
+        title, t = grid_tables(df, teacher=cfg.teacher.name)['table1']
+        report = out/'report.md'
+        atomic_write_text(report, report.read_text() + f'\n## {title} (one seed; all rows: `grid/report.md`)\n\n{to_markdown(t.reset_index())}\n')
+    log(f"Report: {out/'report.md'}")
+    return res
+
+def _demo_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip demo` from parsed arguments."
+    run_demo(args.out, args.device, args.seed, not args.no_grid)
+    return 0
+
+# %% ../nbs/90_cli.ipynb #06a4f035
+@command('demo', '`sidclip run tiny`: every stage offline on tiny models, and a report')
+def demo_args(p: argparse.ArgumentParser):
+    "Run the whole recipe on tiny random-weight models, offline: a coloured-shapes dataset and its few-shot split, tiny Kandinsky synthesis, the tiny CLIP teacher's head, distillation, evaluation against the frozen-feature probe, and the probes (corruptions, synthetic<->real transfer, spurious cues); then SIDCLIP's Table 1 rows at the same shots. Writes report.md. Tiny models measure wiring, not accuracy."
     p.add_argument('--out', default='sidclip-demo', help='run folder (default: ./sidclip-demo); rerunning continues it')
-    p.add_argument('--device', default='cpu', help="torch device (default: cpu; 'auto' picks a GPU if any)")
+    p.add_argument('--device', default='auto', help=DEVICE_HELP)
     p.add_argument('--seed', type=int, default=0, help="the run's seed (default: 0)")
     p.add_argument('--no-grid', action='store_true', help="skip the Table 1 rows (the run alone, about half the time)")
     p.set_defaults(func=_demo_cmd)
-    return p
-
-def build_parser(command: str | None = None, # build this stage's full parser (imports its module); others get a help line only
-                ) -> argparse.ArgumentParser:
-    "The `sidclip` argument parser; only `command`'s stage module is imported."
-    p = argparse.ArgumentParser(prog='sidclip', description='Distil a large CLIP into a small task-specific classifier '
-                                '(SIDCLIP: Synthesize, Initialize, Distill; and zero-shot feature distillation).')
-    p.add_argument('--version', action='version', version=f'sidclip-guide {__version__}')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND')
-    add_demo_parser(sub)
-    for cmd, module, fn, help in STAGE_PARSERS:
-        if cmd == command: _attr(module, fn)(sub)
-        else: sub.add_parser(cmd, help=help, add_help=False)
-    return p
-
-# %% ../nbs/90_cli.ipynb #10afa443
-def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
-        ) -> int:
-    "Entry point of the `sidclip` console script: returns the exit code (2 for bad input)."
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith('-')), None)
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if not getattr(args, 'func', None):
-        parser.print_help(); return 1
-    try: return int(args.func(args) or 0)
-    except SidclipError as e:
-        print(f'sidclip {args.command}: error: {e}', file=sys.stderr); return 2
-    except KeyboardInterrupt:
-        print(f'sidclip {args.command}: interrupted; everything written so far is complete and a re-run resumes.', file=sys.stderr); return 130
-    except OSError as e:   # disk full, read-only file system, a file where a folder should be: the path and the cause, no traceback
-        print(f'sidclip {args.command}: error: {os_error_message(e)}', file=sys.stderr); return 2

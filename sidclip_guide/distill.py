@@ -4,10 +4,10 @@
 
 # %% ../nbs/10_distill.ipynb #c83c062b
 from __future__ import annotations
-import argparse, csv, json, math, os, random, time
-from dataclasses import dataclass, field, asdict, replace
+import csv, json, math, random, time
+from dataclasses import dataclass, asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 
 from .teacher import cache_key
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                                 append_jsonl, read_jsonl, stable_seed, seed_everything, get_device, os_error_message)
+                                 append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
 
 # %% auto #0
 __all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES',
@@ -28,7 +28,7 @@ __all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_F
            'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode',
            'param_groups', 'epoch_batches', 'step_budget', 'probe_head', 'train', 'pretrain_feature_distill',
            'finetune_feature_distill', 'make_teacher', 'make_student', 'TeacherConfig', 'teacher_head', 'build_teacher',
-           'save_student', 'load_student', 'add_distill_parser', 'run_distill', 'distill_main']
+           'save_student', 'load_student']
 
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')   # the keys of the `LOSSES` registry (below)
@@ -900,101 +900,5 @@ def load_student(run_dir: str | Path,           # a `sidclip distill` run folder
     st.spec = {k: spec[k] for k in ('clip_name', 'timm_name', 'teacher_dim', 'category', 'init', 'loss', 'image_size')}
     return st.to(device).eval()
 
-# %% ../nbs/10_distill.ipynb #e1a96b61
-def add_distill_parser(subparsers) -> argparse.ArgumentParser:
-    "Add `sidclip distill` to an argparse subparsers object."
-    p = subparsers.add_parser('distill', help='distil a CLIP teacher into a small student (SIDCLIP KD or feature distillation)',
-                              description='Fit the teacher head on the k real shots, then distil into the student on the shots '
-                                          'plus their synthetic images. Checkpoints every epoch; --resume continues a run exactly.')
-    p.add_argument('--split', help='few-shot split JSON (from save_split); optional with --tiny')
-    p.add_argument('--k', type=int, default=None, help="real shots per class (default: the split's k)")
-    p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) of synthetic images')
-    from sidclip_guide.cli import config_arguments    # every TeacherConfig and DistillConfig field is a flag, with its comment as help
-    config_arguments(p, TeacherConfig, prefix='teacher.', given_only=True, aliases={f'teacher.{f}': [f'--teacher-{f}'.replace('_', '-') if f != 'name' else '--teacher']
-                                                                                 for f in ('name', 'pretrained', 'by_position', 'head_epochs')})
-    p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
-    p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
-    p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
-    p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
-    p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
-    config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True)
-    p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
-    p.add_argument('--out', required=True, help='run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)')
-    p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out (the default whenever --out holds one)')
-    p.add_argument('--restart', action='store_true', help="start from scratch: delete --out's checkpoints and metrics first")
-    p.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (time-boxed sessions; resume later)')
-    p.add_argument('--tiny', action='store_true', help='offline smoke mode: tiny random CLIP teacher and student, toy data if no --split')
-    p.add_argument('--quiet', action='store_true', help='no progress bar')
-    p.set_defaults(func=run_distill)
-    return p
-
-RECIPES = {'sidclip': DistillConfig, 'popp': DistillConfig.popp}   # `sidclip distill --recipe NAME`: the preset the flags then change
-
-def _config_from_args(a) -> DistillConfig:
-    "The run's settings: the preset (`DistillConfig.tiny()` with --tiny), then every flag the user gave."
-    from sidclip_guide.cli import config_from_args, config_file_base
-    cfg = config_from_args(DistillConfig, a, config_file_base(DistillConfig, getattr(a, 'config', None), RECIPES[a.recipe](**(TINY if a.tiny else {}))))
-    return replace(cfg, out_dir=a.out, progress=not a.quiet).validate()
-
-def _cli_resume(out: Path, resume: bool, restart: bool) -> bool:
-    "Re-running the same command continues: resume whenever `out` holds a checkpoint; `restart` deletes the old run first."
-    if resume and restart: raise SidclipError("--resume and --restart contradict each other: pick one.")
-    ck = out/'checkpoints'
-    if restart:
-        import shutil
-        shutil.rmtree(ck, ignore_errors=True)   # every process of a DDP launch gets here: whoever is first deletes
-        for f in ('metrics.jsonl', 'config.json'): (out/f).unlink(missing_ok=True)
-        return False
-    found = ck.is_dir() and latest_checkpoint(ck) is not None
-    if found and not resume: print(f"distill: {out} holds a run: continuing it (--restart starts over).")
-    return resume or found
-
-def run_distill(args: argparse.Namespace, # parsed `sidclip distill` arguments
-               ) -> int:
-    "Run `sidclip distill`; returns the exit code."
-    from accelerate import PartialState
-    from sidclip_guide.models import TINY_CLIP
-    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG
-    from sidclip_guide.data import load_split, save_split, make_toy_dataset, make_fewshot_split, eval_transform, ImageListDataset
-    cfg = _config_from_args(args); out = Path(args.out)
-    if args.split: split = load_split(args.split)
-    elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=cfg.seed)
-    else: raise SidclipError("sidclip distill needs --split SPLIT.json (or --tiny for an offline smoke run).")
-    k = split.k if args.k is None else args.k
-    from sidclip_guide.cli import config_from_args
-    tcfg = config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.')
-    tbundle, teacher = build_teacher(tcfg, split, k, cfg.device, cfg.seed)
-    student = make_student(split.class_names, cfg, TINY_STUDENT if args.tiny else args.student, args.student_pretrained,
-                           TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
-                           teacher.embed_dim, split.category, text_bundle=tbundle)
-    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(),
-                               cfg.synthetic_per_class)
-    test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
-    resume = _cli_resume(out, args.resume, args.restart)
-    res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
-                resume=resume, stop_after=args.stop_after)
-    if PartialState().is_main_process:
-        save_student(res.student, out, student.spec)
-        save_split(split, out/'split.json')     # the run's photos: `sidclip export` checks the export on them and scores int8 on the test set
-        if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png')
-        last = read_metrics(out/'metrics.jsonl')[-1] if (out/'metrics.jsonl').exists() else {}
-        print(f"distill: {len(ds)} training images, epoch {last.get('epoch')}, loss {last.get('loss', float('nan')):.4f}, "
-              f"test top-1 {last.get('test_top1')}; student -> {out/'student.safetensors'}")
-    return 0
-
-def distill_main(argv: list[str] | None = None, # arguments after `distill` (default: sys.argv[1:])
-                ) -> int:
-    "Run `sidclip distill` without the rest of the CLI (for `python -m sidclip_guide.distill` / `accelerate launch`)."
-    import sys
-    p = argparse.ArgumentParser(prog='sidclip'); sub = p.add_subparsers(dest='command')
-    add_distill_parser(sub)
-    args = p.parse_args(['distill', *(sys.argv[1:] if argv is None else argv)])
-    try: return args.func(args)
-    except SidclipError as e:
-        print(f'sidclip distill: error: {e}', file=sys.stderr); return 2
-    except OSError as e:
-        print(f'sidclip distill: error: {os_error_message(e)}', file=sys.stderr); return 2
-
-# %% ../nbs/10_distill.ipynb #29b522e3
-if __name__ == '__main__' and Path(globals().get('__file__', '')).stem == 'distill':
-    import sys; sys.exit(distill_main())
+# %% ../nbs/10_distill.ipynb #20074472
+RECIPES = {'sidclip': DistillConfig, 'popp': DistillConfig.popp}   # `sidclip distill --recipe NAME`: the settings the file and flags then change

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_evaluate.ipynb #d2155aa7
 from __future__ import annotations
-import argparse, io, math, sys, warnings
+import io, math, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,15 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .utils import SidclipError, atomic_write_bytes, atomic_write_text, get_device
-from .models import ClipBundle, ImageEncoder, encode_texts, load_clip, TINY_CLIP
-from .data import (FewShotSplit, ImageListDataset, eval_transform, load_split, save_split,
-                                make_fewshot_split, load_train_test, make_toy_dataset)
+from .models import ClipBundle, ImageEncoder, encode_texts
+from .data import FewShotSplit, ImageListDataset, eval_transform
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'resolve_templates', 'zero_shot_weights', 'zero_shot_logits', 'extract_features', 'LinearProbe',
            'linear_probe', 'accuracy', 'per_class_accuracy', 'confusion_matrix', 'save_figure', 'plot_confusion',
-           'results_table', 'to_markdown', 'save_results', 'evaluate_zero_shot', 'evaluate_linear_probe',
-           'add_eval_parser', 'run_eval']
+           'results_table', 'to_markdown', 'save_results', 'evaluate_zero_shot', 'evaluate_linear_probe']
 
 # %% ../nbs/03_evaluate.ipynb #02e42316
 TEMPLATES = {
@@ -350,68 +348,3 @@ def evaluate_linear_probe(encoder: ImageEncoder,    # frozen image features to p
     logits = probe.predict_logits(ex)
     return dict(method='linear-probe', **accuracy(logits, ey), n_test=len(ey), k=k, C=probe.C, val_acc=probe.val_acc,
                 probe=probe, y_true=ey, y_pred=logits.argmax(1))
-
-# %% ../nbs/03_evaluate.ipynb #81a941c6
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    "Add the `eval` subcommand (zero-shot and linear-probe evaluation of a CLIP)."
-    p = subparsers.add_parser('eval', help='zero-shot / linear-probe accuracy of a CLIP on a few-shot split',
-                              description='Evaluate a CLIP model zero-shot (text prompts) and, optionally, with a linear probe '
-                                          'on the k real shots. Writes results.csv, results.md and confusion plots to --out.')
-    src = p.add_argument_group('data (give --split, or --dataset and --data-root)')
-    src.add_argument('--split', help='split JSON written by save_split')
-    src.add_argument('--root', help='image folder the split paths start from (if the data moved)')
-    src.add_argument('--dataset', help='flowers102, food101, pets, cars or imagefolder: build a split on the fly')
-    src.add_argument('--data-root', help='dataset folder for --dataset')
-    src.add_argument('--download', action='store_true', help='let torchvision download --dataset')
-    src.add_argument('--seed', type=int, default=0, help='split seed for --dataset (default 0)')
-    src.add_argument('--n-val', type=int, default=0, help='validation images per class for --dataset (default 0)')
-    src.add_argument('--max-test-per-class', type=int, default=None, help='cap test images per class for --dataset')
-    src.add_argument('--category', default=None, help="prompt category for --dataset (default: the dataset's, 'object' for imagefolder)")
-    p.add_argument('--model', default=TINY_CLIP, help=f'open_clip name, hf-hub:org/repo or local-dir:PATH (default {TINY_CLIP})')
-    p.add_argument('--pretrained', default=None, help="open_clip tag (e.g. 'openai') or checkpoint file; none = random weights")
-    p.add_argument('--templates', default='simple', choices=list(TEMPLATES), help='prompt template set (default simple)')
-    p.add_argument('--k', type=int, default=None, help='shots per class (default: the split\'s k; 16 with --dataset)')
-    p.add_argument('--linear-probe', action='store_true', help='also fit a linear probe on the k shots')
-    p.add_argument('--out', default='sidclip-eval', help='output folder (default ./sidclip-eval)')
-    p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'auto' (default cpu)")
-    p.add_argument('--batch-size', type=int, default=64, help='images per forward pass (default 64)')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
-    p.set_defaults(func=run_eval)
-    return p
-
-def _split_from_args(args, out: Path) -> FewShotSplit:
-    "The split named by --split, or one built from --dataset/--data-root (and saved into out)."
-    if args.split:
-        if args.dataset: raise SidclipError("Give either --split or --dataset, not both.")
-        return load_split(args.split, root=args.root)
-    if not (args.dataset and args.data_root):
-        raise SidclipError("sidclip eval needs --split SPLIT.json, or --dataset NAME --data-root DIR (e.g. --dataset imagefolder).")
-    info, test_info = load_train_test(args.dataset, args.data_root, args.download, args.category)
-    split = make_fewshot_split(info, 16 if args.k is None else args.k, args.seed, args.n_val, test_info, args.max_test_per_class)
-    save_split(split, out/'split.json')
-    return split
-
-def run_eval(args: argparse.Namespace) -> int:
-    "Run `sidclip eval`; returns the exit code (2 for bad input, with the message on stderr)."
-    try:
-        out = Path(args.out)
-        split = _split_from_args(args, out)
-        k = args.k if args.k is not None else split.k
-        bundle = load_clip(args.model, args.pretrained, device=get_device(args.device))
-        res = [evaluate_zero_shot(bundle, split, args.templates, args.device, args.batch_size, progress=not args.quiet)]
-        if args.linear_probe:
-            res.append(evaluate_linear_probe(ImageEncoder.from_open_clip(bundle), split, k, args.device, args.batch_size,
-                                             progress=not args.quiet))
-    except SidclipError as e:
-        print(f'sidclip eval: error: {e}', file=sys.stderr); return 2
-    rows = []
-    for r in res:
-        for m in ('top1', 'top5'):
-            rows.append(dict(stage='evaluate', method=r['method'], metric=m, value=r[m], model=args.model,
-                             pretrained=args.pretrained or 'random', templates=args.templates,
-                             k=k if r['method'] == 'linear-probe' else 0, n_test=r['n_test']))
-        plot_confusion(r['y_true'], r['y_pred'], split.class_names, out/f"confusion_{r['method']}.png", title=f"{args.model} {r['method']}")
-    df = results_table(rows)
-    save_results(df, out)
-    print(to_markdown(df))
-    return 0

@@ -4,22 +4,22 @@
 
 # %% ../nbs/06_generate.ipynb #e67c4a67
 from __future__ import annotations
-import os, sys, json, time, argparse, warnings
+import os, json, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .utils import SidclipError, atomic_save_image, atomic_write_bytes, atomic_write_text, read_jsonl, append_jsonl, slugify, stable_seed
-from .synthesize import MixSpec, PromptSpec, GenRequest, cond_from_dict
+from .synthesize import MixSpec, GenRequest
 from .prompts import PromptConfig, build_prompts, text_prompts, builtin_config, load_dimensions
 
 # %% auto #0
 __all__ = ['N_PER_CLASS', 'SYNTH_MODES', 'MANIFEST', 'GENERATORS', 'SYNTH_EXTS', 'NoiseGenerator', 'class_shots', 'plan_items',
            'item_file', 'manifest_record', 'read_manifest', 'retry_attempt', 'run_generation', 'merge_manifests',
            'run_sharded', 'SyntheticDataset', 'plot_sample_grid', 'make_generator', 'SynthConfig', 'synth_generator',
-           'add_synth_parser', 'prompt_config', 'run_synth', 'main']
+           'prompt_config']
 
 # %% ../nbs/06_generate.ipynb #55053220
 class NoiseGenerator:
@@ -421,26 +421,7 @@ def synth_generator(cfg: SynthConfig, # which generator, its weights, size and p
     return make_generator(cfg.generator, device, cfg.fp16, cfg.image_size, seed, prior=cfg.prior, decoder=cfg.decoder,
                           model=cfg.model, cpu_offload=cfg.cpu_offload)
 
-# %% ../nbs/06_generate.ipynb #2dcde005
-def add_synth_parser(subparsers) -> argparse.ArgumentParser:
-    "Add the `synth` subcommand."
-    p = subparsers.add_parser('synth', help='generate the synthetic training set (resumable, shardable)',
-                              description='Generate synthetic images per class with Kandinsky 2.2 mixtures (SIDCLIP) or diversified SDXL-LCM prompts '
-                                          '(Popp et al.). Re-running resumes; run under `accelerate launch` or `torchrun` to shard over GPUs.')
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--split', help='few-shot split JSON (from `sidclip split`)')
-    src.add_argument('--classes', help='comma-separated class names (prompt/text modes, or 0-shot mix)')
-    p.add_argument('--out', required=True, help='output folder (images + manifest.jsonl)')
-    p.add_argument('--k', type=int, default=None, help='shots per class mixed in (default: the split k)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the plan: every image\'s seed derives from it and its class and index (default: 0)')
-    p.add_argument('--device', default=None, help="cpu, cuda, ... (default: the process's accelerate device)")
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.add_argument('--config', default=None, help='YAML file of SynthConfig settings (the flags below override it)')
-    from sidclip_guide.cli import config_arguments    # every SynthConfig field is a flag, with its comment as help
-    config_arguments(p, SynthConfig, given_only=True)
-    p.set_defaults(func=run_synth)
-    return p
-
+# %% ../nbs/06_generate.ipynb #fc2489c7
 def prompt_config(cfg: SynthConfig, # uses dataset_dims and classname_weight
                   seed: int = 0,    # seed of the covering array
                  ) -> PromptConfig:
@@ -449,40 +430,3 @@ def prompt_config(cfg: SynthConfig, # uses dataset_dims and classname_weight
     pc = builtin_config(d, seed=seed) if not Path(d).suffix else PromptConfig(load_dimensions(d), seed=seed)
     if cfg.classname_weight is not None: pc.classname_weight = cfg.classname_weight
     return pc
-
-def _rank_device(asked: str | None, rank_dev) -> str:
-    "The device for this process: accelerate's per-rank device unless the user named a specific one ('cuda' means this rank's GPU)."
-    d = str(rank_dev)
-    if asked is None or (asked == 'cuda' and d.startswith('cuda')): return d
-    return asked
-
-def run_synth(args) -> int:
-    "Run `sidclip synth`: plan, generate this process's slice, merge; returns an exit code."
-    if args.split:
-        from sidclip_guide.data import load_split
-        src = load_split(args.split); class_names = list(src.class_names)
-    else:
-        src = class_names = [c.strip() for c in args.classes.split(',') if c.strip()]
-        if not class_names: raise SidclipError('--classes is empty: give comma-separated class names.')
-    from sidclip_guide.cli import config_file_base, config_from_args
-    cfg = config_from_args(SynthConfig, args, config_file_base(SynthConfig, args.config)).validate()
-    reqs = plan_items(src, cfg.mode, cfg.n_per_class, args.seed, prompt_config(cfg, args.seed) if cfg.mode == 'prompt' else None, shots_k=args.k)
-    cpu = args.device == 'cpu' or (args.device is None and not torch.cuda.is_available())
-    mk = lambda dev: synth_generator(cfg, _rank_device(args.device, dev), args.seed)
-    st = run_sharded(mk, reqs, args.out, cpu=cpu, batch_size=cfg.batch_size, class_names=class_names, ext=cfg.ext,
-                     max_attempts=cfg.max_attempts, progress=not args.no_progress)
-    if st['rank'] == 0:
-        print(f"synth: {st['generated']} new, {st['existing']} existing on rank 0 ({st['images_per_s']:.2f} img/s); "
-              f"manifest: {Path(args.out)/MANIFEST}")
-    return 0
-
-def main(argv: list[str] | None = None) -> int:
-    "Entry point of `python -m sidclip_guide.generate synth ...`."
-    ap = argparse.ArgumentParser(prog='sidclip_guide.generate')
-    add_synth_parser(ap.add_subparsers(dest='cmd', required=True))
-    args = ap.parse_args(argv)
-    try: return args.func(args)
-    except SidclipError as e: print(f'error: {e}', file=sys.stderr); return 2
-
-# %% ../nbs/06_generate.ipynb #56cf8612
-if __name__ == '__main__' and Path(globals().get('__file__', '')).stem == 'generate': sys.exit(main())

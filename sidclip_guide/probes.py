@@ -4,8 +4,8 @@
 
 # %% ../nbs/11_probes.ipynb #f3918a7e
 from __future__ import annotations
-import argparse, copy, difflib, math, time
-from dataclasses import dataclass, field, asdict
+import difflib, math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import SidclipError, atomic_save_image, atomic_write_text, stable_seed, get_device, seed_everything
+from .utils import SidclipError, atomic_save_image, stable_seed, get_device, seed_everything
 from .data import DatasetInfo, ImageListDataset, load_dataset, _SHAPES, _COLOURS, _draw_shape
 from .teacher import clip_teacher
 
@@ -22,7 +22,7 @@ from .teacher import clip_teacher
 __all__ = ['SHAPE_SETS', 'IMAGENET_C', 'CORRUPTIONS', 'as_dataset', 'predict', 'shape_image', 'shapes_probe_sets', 'ColourStats',
            'SmallCNN', 'load_tensors', 'fit_classifier', 'spurious_reliance', 'feature_reliance', 'corrupt',
            'corruption_robustness', 'robustness_summary', 'plot_robustness', 'transfer_matrix', 'ProbeConfig',
-           'synthetic_halves', 'probe_teacher', 'add_probe_parser', 'run_probe']
+           'synthetic_halves', 'probe_teacher']
 
 # %% ../nbs/11_probes.ipynb #4b38bb42
 def _logits(model: nn.Module,  # a classifier: returns a logits tensor or a dict with 'logits'
@@ -341,6 +341,14 @@ class ProbeConfig:
     max_test: int | None = None    # cap on test images (None: all), for quick runs
     seed: int = 0                  # seed of corruptions, shapes images and synthetic halves
 
+    def validate(self) -> 'ProbeConfig':
+        "Check the corruptions and severities; raise `SidclipError` naming the first bad one; return self."
+        if not self.kinds or not self.severities:
+            raise SidclipError("ProbeConfig needs at least one corruption kind and one severity, e.g. kinds=('fog',), severities=(3,).")
+        for k in self.kinds:
+            for s in self.severities: _check_corruption(k, s)
+        return self
+
 def synthetic_halves(items: list, # (path, label) synthetic images
                     ) -> tuple[list, list]:
     "Split synthetic items into a head-fitting half and a held-out half, alternating within each class."
@@ -405,54 +413,3 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
     df = results_table(rows); save_results(df, out, 'results')
     res['results'] = df
     return res
-
-# %% ../nbs/11_probes.ipynb #67c88fa8
-def add_probe_parser(subparsers) -> argparse.ArgumentParser:
-    "Add `sidclip probe` to an argparse subparsers object."
-    p = subparsers.add_parser('probe', help='probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues',
-                              description='Fit a linear head on the split\'s shots on top of a CLIP image tower, then measure top-1 under '
-                                          'ImageNet-C style corruptions on the test set, synthetic->real and real->synthetic transfer '
-                                          '(with --manifest), and reliance on colour/background in a toy shapes world (Popp et al.); '
-                                          'with --run, the same for the student a `sidclip distill` run trained. '
-                                          'Writes results.csv, results.md and probe_robustness.png to --out.')
-    p.add_argument('--split', required=True, help='few-shot split JSON (from save_split)')
-    p.add_argument('--root', default=None, help="folder the split's relative paths start from (default: the one stored in the split)")
-    p.add_argument('--model', required=True, help="CLIP to probe: open_clip name (ViT-L-14), 'hf-hub:org/repo' or a registered config")
-    p.add_argument('--pretrained', default=None, help='weights tag (openai) or checkpoint path (default: none = random init)')
-    p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) for the synthetic<->real transfer probe')
-    p.add_argument('--run', default=None, help='a `sidclip distill --out` folder: also probe the distilled student in it')
-    p.add_argument('--out', required=True, help='output folder')
-    p.add_argument('--config', default=None, help='YAML file of ProbeConfig settings (the flags below override it)')
-    from sidclip_guide.cli import config_arguments    # every ProbeConfig field is a flag, with its comment as help
-    config_arguments(p, ProbeConfig, given_only=True, aliases={'kinds': ['--corruptions']})
-    p.add_argument('--device', default='cpu', help="torch device (default: cpu; 'auto' picks a GPU)")
-    p.set_defaults(func=run_probe)
-    return p
-
-def run_probe(args: argparse.Namespace, # parsed `sidclip probe` arguments
-             ) -> int:
-    "Run `sidclip probe`; returns the exit code."
-    from sidclip_guide.data import load_split
-    from sidclip_guide.models import load_clip
-    from sidclip_guide.cli import config_from_args, config_file_base
-    cfg = config_from_args(ProbeConfig, args, config_file_base(ProbeConfig, args.config))
-    if not cfg.kinds or not cfg.severities: raise SidclipError("--kinds and --severities need at least one value each, e.g. --kinds fog --severities 3.")
-    for k in cfg.kinds:
-        for s in cfg.severities: _check_corruption(k, s)
-    split = load_split(args.split, root=args.root)
-    synthetic = None
-    if args.manifest:
-        from sidclip_guide.distill import synthetic_items
-        synthetic = synthetic_items(args.manifest, split.class_names)
-    device = get_device(args.device)
-    bundle = load_clip(args.model, args.pretrained, device=str(device))
-    t0 = time.time()
-    student = None
-    if args.run:
-        from sidclip_guide.distill import load_student
-        student = load_student(args.run, device)
-    res = probe_teacher(bundle, split, args.out, cfg, synthetic, device, student)
-    s = res['robustness'].attrs
-    print(f"probe: clean top-1 {s['clean']:.3f}, mean corruption acc {s['mean_corruption_acc']:.3f} (relative drop {s['relative_drop']:.3f}); "
-          f"shapes colour_drop {res['shapes']['colour_drop']:.3f}; {time.time() - t0:.0f}s -> {Path(args.out) / 'results.md'}")
-    return 0

@@ -12,7 +12,8 @@ from PIL import Image
 from sidclip_guide.utils import SidclipError
 from sidclip_guide.data import (DatasetInfo, ImageListDataset, eval_transform, from_coop_split, load_dataset, load_split,
                                 make_fewshot_split, make_toy_dataset, save_split, train_transform)
-from sidclip_guide.evaluate import (accuracy, add_eval_parser, extract_features, linear_probe, zero_shot_logits)
+from sidclip_guide.evaluate import (accuracy, extract_features, linear_probe, zero_shot_logits)
+from sidclip_guide.cli import main
 from sidclip_guide.models import ImageEncoder
 
 SHARED = Path(__file__).resolve().parents[2]/'shared'
@@ -307,15 +308,9 @@ def test_linear_probe_on_cifar10_photos_with_pretrained_features():
 
 # ---------------------------------------------------------------- CLI
 
-def _parser():
-    p = argparse.ArgumentParser(prog='sidclip'); add_eval_parser(p.add_subparsers()); return p
-
-
 def test_eval_cli_writes_results_and_returns_exit_codes(toy, tmp_path, capsys):
     p = save_split(make_fewshot_split(toy, 4, seed=0, n_val_per_class=2, max_test_per_class=6), tmp_path/'s.json')
-    args = _parser().parse_args(['eval', '--split', str(p), '--linear-probe', '--templates', 'ensemble',
-                                 '--out', str(tmp_path/'out'), '--quiet'])
-    assert args.func(args) == 0
+    assert main(['eval', '--split', str(p), '--linear-probe', '--templates', 'ensemble', '--out', str(tmp_path/'out'), '--quiet']) == 0
     import pandas as pd
     df = pd.read_csv(tmp_path/'out'/'results.csv')
     assert set(df['method']) == {'zero-shot', 'linear-probe'} and set(df['metric']) == {'top1', 'top5'}
@@ -323,9 +318,8 @@ def test_eval_cli_writes_results_and_returns_exit_codes(toy, tmp_path, capsys):
     assert lp > 0.6, df                                              # random tiny-CLIP features still see colour
     assert (tmp_path/'out'/'confusion_zero-shot.png').read_bytes()[:4] == b'\x89PNG'
     assert '| stage | method |' in capsys.readouterr().out
-    bad = _parser().parse_args(['eval', '--out', str(tmp_path/'o2')])
-    assert bad.func(bad) == 2 and '--dataset' in capsys.readouterr().err
-    bad = _parser().parse_args(['eval', '--dataset', 'imagefolder', '--data-root', toy.root, '--k', '50', '--out', str(tmp_path/'o3')])
-    assert bad.func(bad) == 2 and 'pick a smaller k' in capsys.readouterr().err
-    bad = _parser().parse_args(['eval', '--dataset', 'imagefolder', '--data-root', toy.root, '--k', '0', '--out', str(tmp_path/'o4')])
-    assert bad.func(bad) == 2 and 'positive integer' in capsys.readouterr().err
+    assert main(['eval', '--out', str(tmp_path/'o2')]) == 2 and '--dataset' in capsys.readouterr().err
+    assert main(['eval', '--dataset', 'imagefolder', '--data-root', toy.root, '--k', '50', '--out', str(tmp_path/'o3')]) == 2
+    assert 'pick a smaller k' in capsys.readouterr().err
+    assert main(['eval', '--dataset', 'imagefolder', '--data-root', toy.root, '--k', '0', '--out', str(tmp_path/'o4')]) == 2
+    assert 'positive integer' in capsys.readouterr().err

@@ -109,16 +109,16 @@ def test_bad_input(toy):
 
 def test_cli(toy, capsys):
     "`sidclip distill` in-process (the subprocess path is covered by the 2-process test): outputs, exit codes, messages."
-    from sidclip_guide.distill import distill_main
+    from sidclip_guide.cli import main
     tmp, split, bundle = toy
     out = tmp / 'cli'
-    assert distill_main(['--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', '1', '--quiet',
+    assert main(['distill', '--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', '1', '--quiet',
                          '--no-randaugment', '--no-teacher-cache', '--loss', 'kd']) == 0
     assert (out / 'student.safetensors').exists() and (out / 'metrics.png').exists() and (out / 'metrics.csv').exists()
     assert read_checkpoint_manifest(out / 'checkpoints')['latest']['epoch'] == 1
-    assert distill_main(['--tiny', '--split', str(tmp / 'split.json'), '--out', str(tmp / 'x'), '--T', '0']) == 2
+    assert main(['distill', '--tiny', '--split', str(tmp / 'split.json'), '--out', str(tmp / 'x'), '--T', '0']) == 2
     assert 'T=0' in capsys.readouterr().err
-    assert distill_main(['--split', str(tmp / 'nope.json'), '--out', str(tmp / 'y')]) == 2
+    assert main(['distill', '--split', str(tmp / 'nope.json'), '--out', str(tmp / 'y')]) == 2
     assert 'does not exist' in capsys.readouterr().err
 
 
@@ -133,11 +133,11 @@ def test_two_processes(toy):
     args = {loss: ['--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', str(ep), '--loss', loss, '--quiet']
             for loss, (out, ep) in runs.items()}
     script.write_text(f"""import sys, runpy
-from sidclip_guide.distill import distill_main
-sys.argv = ['distill', *{args['kd']!r}]
-try: runpy.run_module('sidclip_guide.distill', run_name='__main__')    # `python -m sidclip_guide.distill ...`
+from sidclip_guide.cli import main
+sys.argv = ['sidclip', 'distill', *{args['kd']!r}]
+try: runpy.run_module('sidclip_guide', run_name='__main__')    # `python -m sidclip_guide distill ...`
 except SystemExit as e: assert e.code == 0, e.code
-assert distill_main({args['l2+clip']!r}) == 0
+assert main(['distill', *{args['l2+clip']!r}]) == 0
 """)
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(29500 + os.getpid() % 1000),
@@ -232,7 +232,7 @@ def test_cli_timm_teacher_from_local_weights(toy, capsys):
     "`sidclip distill --teacher timm:NAME --teacher-pretrained FILE`: any timm network, its head fitted on the shots; a wrong file stops it."
     import timm
     from safetensors.torch import save_file
-    from sidclip_guide.distill import distill_main
+    from sidclip_guide.cli import main
     tmp, split, bundle = toy
     torch.manual_seed(0)
     w = tmp / 'teacher.safetensors'
@@ -240,11 +240,11 @@ def test_cli_timm_teacher_from_local_weights(toy, capsys):
     args = ['--split', str(tmp / 'split.json'), '--teacher', f'timm:tinynet_e', '--teacher-pretrained', str(w), '--init', 'none',
             '--timm-name', 'tinynet_e', '--image-size', '32', '--epochs', '1', '--min-steps', '0', '--batch-size', '8', '--quiet',
             '--device', 'cpu']
-    assert distill_main(args + ['--out', str(tmp / 'timm')]) == 0
+    assert main(['distill', *args, '--out', str(tmp / 'timm')]) == 0
     assert (tmp / 'timm' / 'student.safetensors').exists()
     wrong = tmp / 'wrong.safetensors'
     save_file({'x': torch.zeros(3)}, str(wrong))
-    assert distill_main(args[:5] + [str(wrong)] + args[6:] + ['--out', str(tmp / 'timm2')]) == 2
+    assert main(['distill', *args[:5], str(wrong), *args[6:], '--out', str(tmp / 'timm2')]) == 2
     assert 'does not fit' in capsys.readouterr().err
 
 

@@ -27,7 +27,7 @@ def _one_thread():
 
 
 def synth_cmd(out, n=6, gen='noise', mode='prompt', extra=()):
-    return [sys.executable, '-m', 'sidclip_guide.generate', 'synth', '--classes', ','.join(CLASSES), '--out', str(out),
+    return [sys.executable, '-m', 'sidclip_guide', 'synth', '--classes', ','.join(CLASSES), '--out', str(out),
             '--generator', gen, '--mode', mode, '--n-per-class', str(n), '--batch-size', '4', '--device', 'cpu',
             '--dataset-dims', 'flowers', '--no-progress', *extra]
 
@@ -158,7 +158,7 @@ def test_bad_manifests(tmp_path):
 
 def test_cli_synth_tiny_sdxl(tmp_path, capsys):
     "`synth` with the tiny random-weight SDXL-LCM pipeline (prompt mode), in-process (the subprocess CLI path is covered above)."
-    from sidclip_guide.generate import main
+    from sidclip_guide.cli import main
     out = tmp_path/'tiny-sdxl'
     assert main(synth_cmd(out, n=2, gen='tiny-sdxl', mode='prompt')[3:]) == 0
     assert str(out/MANIFEST) in capsys.readouterr().out
@@ -189,7 +189,7 @@ def test_real_shots_mix(tmp_path):
 def test_cli_from_saved_split(tmp_path):
     "`synth --split` reads a saved FewShotSplit: labels follow its class order, mixes use its k shots (in-process)."
     from sidclip_guide.data import make_toy_dataset, make_fewshot_split, save_split
-    from sidclip_guide.generate import main
+    from sidclip_guide.cli import main
     split = make_fewshot_split(make_toy_dataset(tmp_path/'toy', n_classes=2, n_per_class=6), k=2, seed=0)
     save_split(split, tmp_path/'split.json')
     out = tmp_path/'o'

@@ -12,7 +12,7 @@ from sidclip_guide.utils import SidclipError, append_jsonl
 from sidclip_guide.teacher import clip_teacher
 from sidclip_guide.probes import (CORRUPTIONS, SHAPE_SETS, corrupt, corruption_robustness, robustness_summary, plot_robustness,
                                   shapes_probe_sets, spurious_reliance, feature_reliance, fit_classifier, load_tensors,
-                                  ColourStats, SmallCNN, transfer_matrix, add_probe_parser,
+                                  ColourStats, SmallCNN, transfer_matrix,
                                   synthetic_halves, _logits)
 
 
@@ -172,10 +172,8 @@ def toy(tmp_path_factory):
 
 
 def _parse(argv):
-    ap = argparse.ArgumentParser(prog='sidclip'); sub = ap.add_subparsers(dest='command')
-    p = add_probe_parser(sub)
-    assert p.prog.endswith('probe')
-    return ap.parse_args(['probe', *argv])
+    from sidclip_guide.cli import build_parser
+    return build_parser('probe').parse_args(['probe', *argv])
 
 
 def test_cli_tiny_run(toy, capsys):
