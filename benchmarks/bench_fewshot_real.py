@@ -204,7 +204,7 @@ def main(argv=None):
 def save(out: Path, a, pool, rows: list, wall: float) -> None:
     "Write the rows as JSON (atomically) and the table as markdown beside it."
     from sidclip_guide.utils import atomic_write_text
-    meta = dict(data=Path(a.data).name, classes=len(pool.class_names), shots=a.shots, seeds=a.seeds, image_size=a.image_size,
+    meta = dict(data=Path(a.data).name, classes=len(pool.class_names), shots=a.shots, seeds=sorted({r['seed'] for r in rows}), image_size=a.image_size,
                 teacher_size=a.teacher_size, wall_s=round(wall), threads=a.threads, defaults=DistillConfig().__dict__)
     atomic_write_text(out, json.dumps({'meta': meta, 'rows': rows}, indent=1))
     atomic_write_text(out.with_suffix('.md'), table(rows, a.shots) + '\n')

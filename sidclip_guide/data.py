@@ -419,8 +419,9 @@ class ImageListDataset(Dataset):
     def __init__(self,
                  items: Sequence,                 # (path, int label) pairs
                  transform: Callable | None = None, # PIL image -> tensor (default: `to_tensor01`)
+                 fix: str = 'delete or replace the file (and remove it from the split / manifest)', # what to do about an unreadable file
                 ):
-        self.items, self.transform = [(Path(p), int(y)) for p, y in items], transform or to_tensor01
+        self.items, self.transform, self.fix = [(Path(p), int(y)) for p, y in items], transform or to_tensor01, fix
 
     def __len__(self): return len(self.items)
 
@@ -431,8 +432,7 @@ class ImageListDataset(Dataset):
         try:
             with Image.open(p) as im: return im.convert('RGB')
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise SidclipError(f"Cannot read image {p} ({type(e).__name__}: {e}); delete or replace the file "
-                               "(and remove it from the split / manifest).") from None
+            raise SidclipError(f"Cannot read image {p} ({type(e).__name__}: {e}); {self.fix}.") from None
 
     def __getitem__(self, i: int): return self.transform(self.load(i)), self.items[i][1]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv, json, math, random, time
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader, Sampler
 
 from .teacher import cache_key
+from .data import ImageListDataset
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
 
@@ -116,34 +117,17 @@ class DistillConfig:
     def needs_labels(self) -> bool: return self.loss in ('ce', 'l2+clip', 'l2+mp') or (self.loss == 'kd' and self.alpha < 1)
 
 # %% ../nbs/10_distill.ipynb #d4e016c9
-def _read_manifest_rows(manifest: str | Path, # a manifest.jsonl file or the synthesis output folder that holds it
-                       ) -> tuple[list[dict], Path]:
-    "Rows of a synthesis manifest (`sidclip_guide.generate.read_manifest`) and the folder their files are relative to."
-    from sidclip_guide.generate import read_manifest
-    p = Path(manifest)
-    if not p.exists(): raise SidclipError(f"Synthesis manifest {p} does not exist: pass the manifest.jsonl (or output folder) of `sidclip synth`, or drop --manifest.")
-    return read_manifest(p, check_files=False), (p if p.is_dir() else p.parent)
-
 def synthetic_items(manifest: str | Path,  # manifest.jsonl (or its folder) of generated images
-                    class_names: list[str], # the split's classes; rows are mapped to these labels by `class_name`
+                    class_names: Sequence[str] | None, # the split's classes, rows mapped to them by `class_name`; None: unlabelled (-1)
                     check_files: bool = True, # raise if a listed file is missing
                     per_class: int | None = None, # keep at most this many images per class, the first in item order (None: all)
                    ) -> list[tuple[Path, int]]:
-    "(absolute path, label) for the images of a synthesis manifest."
-    rows, root = _read_manifest_rows(manifest)
-    idx = {c: i for i, c in enumerate(class_names)}
-    items, missing, seen = [], [], {}
-    for r in rows:
-        seen[r.get('class_name')] = n = seen.get(r.get('class_name'), 0) + 1
-        if per_class is not None and n > per_class: continue
-        if 'file' not in r: raise SidclipError(f"Manifest row {r} has no 'file' field: is {manifest} a synthesis manifest?")
-        c = r.get('class_name')
-        if c not in idx: raise SidclipError(f"Manifest row {r['file']} has class_name={c!r}, which is not in the split's classes {class_names[:5]}...: use the manifest generated for this split.")
-        f = root/r['file']
-        if check_files and not f.exists(): missing.append(str(f))
-        items.append((f, idx[c]))
-    if missing: raise SidclipError(f"{len(missing)} file(s) listed in {manifest} are missing (first: {missing[0]}): re-run synthesis to regenerate them, or remove those rows.")
-    return items
+    "(absolute path, label) for the images of a synthesis manifest: `generate.read_manifest`, then `generate.manifest_items`."
+    from sidclip_guide.generate import read_manifest, manifest_items
+    p = Path(manifest)
+    rows, root = read_manifest(p, check_files=check_files), (p if p.is_dir() else p.parent)
+    if class_names is None: return [(root/r['file'], -1) for r in rows]
+    return manifest_items(rows, root, class_names, per_class)
 
 # %% ../nbs/10_distill.ipynb #bfe7716d
 def build_distill_dataset(split,                   # a `FewShotSplit`
@@ -163,25 +147,16 @@ def build_distill_dataset(split,                   # a `FewShotSplit`
 # %% ../nbs/10_distill.ipynb #528fa80a
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
-class UnlabelledImageFolder(Dataset):
-    "Every image below `root` (recursively), yielded as `(transform(image), -1)`."
+class UnlabelledImageFolder(ImageListDataset):
+    "Every image below `root` (recursively), yielded as `(transform(image), -1)`: an `ImageListDataset` with no labels."
     def __init__(self, root: str | Path,             # folder searched recursively
                  transform: Callable | None = None,  # PIL image -> tensor; None gives [0,1] tensors at native size
                 ):
         self.root = Path(root)
         if not self.root.is_dir(): raise SidclipError(f"Image folder {self.root} does not exist: pass a folder of images.")
-        self.files = sorted(p for p in self.root.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files: raise SidclipError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found below {self.root}: the distillation set would be empty.")
-        self.transform = transform
-    def __len__(self): return len(self.files)
-    def __getitem__(self, i):
-        from PIL import Image
-        try: img = Image.open(self.files[i]).convert('RGB')
-        except Exception as e: raise SidclipError(f"Cannot read image {self.files[i]} ({e}): delete or replace it.") from None
-        if self.transform is None:
-            from torchvision.transforms.functional import pil_to_tensor
-            return pil_to_tensor(img).float() / 255, -1
-        return self.transform(img), -1
+        files = sorted(p for p in self.root.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files: raise SidclipError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found below {self.root}: the distillation set would be empty.")
+        super().__init__([(p, -1) for p in files], transform, fix='delete or replace it')
 
 # %% ../nbs/10_distill.ipynb #67b9c759
 class EpochSampler(Sampler):
@@ -426,21 +401,16 @@ def load_checkpoint(path: str | Path,      # a ckpt-*.safetensors file, or a che
     return meta
 
 # %% ../nbs/10_distill.ipynb #0fe76f3a
-@torch.no_grad()
 def evaluate_top1(model: nn.Module,   # returns a dict with 'logits' (or a tensor)
                   dataset: Dataset,   # (image, label) items
                   batch_size: int = 128, # images per batch
                   device=None,        # defaults to the model's device
                  ) -> float:
-    "Top-1 accuracy of `model` on `dataset` (eval mode, restored afterwards; `evaluate.accuracy`)."
-    from sidclip_guide.evaluate import accuracy
-    device = device or next(model.parameters()).device
-    was = model.training; model.eval()
-    logits, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        out = model(x.to(device)); logits.append((out['logits'] if isinstance(out, dict) else out).float().cpu()); labels.append(torch.as_tensor(y))
-    model.train(was)
-    return accuracy(torch.cat(logits), torch.cat(labels), (1,))['top1']
+    "Top-1 accuracy of `model` on `dataset` (eval mode, restored afterwards): `evaluate.extract_features`'s loop, `evaluate.accuracy`."
+    from sidclip_guide.evaluate import accuracy, extract_features
+    logits, labels = extract_features(model, dataset, batch_size, device, normalize=False, progress=False,
+                                      take=lambda o: o['logits'] if isinstance(o, dict) else o)
+    return accuracy(logits, labels, (1,))['top1']
 
 def read_metrics(log_path: str | Path, # metrics.jsonl of a run
                 ) -> list[dict]:
@@ -781,12 +751,7 @@ def finetune_feature_distill(student: nn.Module,       # the (pretrained) studen
     cfg = _feature_cfg(cfg, 'finetune_feature_distill')
     if cfg.loss != 'l2' and class_names is None:
         raise SidclipError(f"loss={cfg.loss!r} needs class labels: pass class_names (the manifest's classes), or use loss='l2'.")
-    if class_names is not None: items = synthetic_items(manifest, class_names)
-    else:
-        rows, root = _read_manifest_rows(manifest)
-        items = [(root/r['file'], -1) for r in rows]
-        missing = [str(p) for p, _ in items if not p.exists()]
-        if missing: raise SidclipError(f"{len(missing)} file(s) listed in {manifest} are missing (first: {missing[0]}): re-run synthesis to regenerate them.")
+    items = synthetic_items(manifest, class_names)
     if not items: raise SidclipError(f"{manifest} lists no images: the distillation set would be empty.")
     return train(student, teacher, ImageListDataset(items, transform or cfg.transform()), cfg, **train_kw)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io, math, warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,30 +65,38 @@ def zero_shot_logits(image_feats: torch.Tensor, # (N, D) image features (normali
     return logit_scale * F.normalize(image_feats.float(), dim=-1) @ F.normalize(weights.float(), dim=-1).T
 
 # %% ../nbs/03_evaluate.ipynb #5e52a9ef
+def _model_device(model: nn.Module) -> torch.device:
+    "Where `model`'s parameters live (the CPU for a model without any)."
+    return next(iter(model.parameters()), torch.empty(0)).device
+
 @torch.no_grad()
-def extract_features(encoder: nn.Module,         # an `ImageEncoder` (images in [0,1] -> features)
+def extract_features(model: nn.Module,           # an `ImageEncoder` (images in [0,1] -> features), or any model with `take`
                      dataset,                    # yields (image tensor in [0,1], label), e.g. `ImageListDataset`
                      batch_size: int = 64,       # images per forward pass
-                     device: str | torch.device = 'cpu', # where to run the encoder (it is moved there)
+                     device: str | torch.device | None = None, # where to run (the model is moved there); None: where the model is
                      num_workers: int = 0,       # DataLoader workers
-                     normalize: bool = True,     # L2-normalise the features
+                     normalize: bool = True,     # L2-normalise the outputs
                      progress: bool = True,      # show a tqdm bar
+                     take: Callable | None = None, # the model's output -> a (B, D) tensor, e.g. its 'logits' (default: the output)
+                     batch_fn: Callable | None = None, # (images, batch index) -> images, applied before the model
                     ) -> tuple:
-    "Features (N, D) and labels (N,) of every item of `dataset`, on the CPU."
+    "Outputs (N, D) and labels (N,) of `model` on every item of `dataset`, on the CPU, in eval mode (restored afterwards)."
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     if len(dataset) == 0: raise SidclipError("extract_features got an empty dataset: check the split (no images for this k / set?).")
-    device = get_device(device)
-    was_training = encoder.training
-    encoder.eval().to(device)
-    feats, labels = [], []
+    device = _model_device(model) if device is None else get_device(device)
+    was_training = model.training
+    model.eval().to(device)
+    outs, labels = [], []
     try:
         dl = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        for x, y in tqdm(dl, desc='features', disable=not progress, leave=False):
-            f = encoder(x.to(device)).float()
-            feats.append((F.normalize(f, dim=-1) if normalize else f).cpu()); labels.append(torch.as_tensor(y))
-    finally: encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels).long()
+        for bi, (x, y) in enumerate(tqdm(dl, desc='features', disable=not progress, leave=False)):
+            x = x.to(device)
+            if batch_fn is not None: x = batch_fn(x, bi)
+            o = model(x); o = (take(o) if take is not None else o).float()
+            outs.append((F.normalize(o, dim=-1) if normalize else o).cpu()); labels.append(torch.as_tensor(y))
+    finally: model.train(was_training)
+    return torch.cat(outs), torch.cat(labels).long()
 
 # %% ../nbs/03_evaluate.ipynb #50587ad1
 @dataclass

@@ -18,8 +18,8 @@ from .prompts import PromptConfig, build_prompts, text_prompts, builtin_config, 
 # %% auto #0
 __all__ = ['N_PER_CLASS', 'SYNTH_MODES', 'MANIFEST', 'GENERATORS', 'SYNTH_EXTS', 'NoiseGenerator', 'class_shots', 'plan_items',
            'item_file', 'manifest_record', 'read_manifest', 'retry_attempt', 'run_generation', 'merge_manifests',
-           'run_sharded', 'SyntheticDataset', 'plot_sample_grid', 'make_generator', 'SynthConfig', 'synth_generator',
-           'prompt_config']
+           'run_sharded', 'manifest_items', 'SyntheticDataset', 'plot_sample_grid', 'make_generator', 'SynthConfig',
+           'synth_generator', 'prompt_config']
 
 # %% ../nbs/06_generate.ipynb #55053220
 class NoiseGenerator:
@@ -152,7 +152,7 @@ def read_manifest(out_or_path: str | Path, # an output folder (reads manifest.js
     p = Path(out_or_path)
     if p.is_dir(): out = p
     elif p.is_file(): out = p.parent
-    else: raise SidclipError(f"No manifest at {p}: pass the output folder of `sidclip synth` or its manifest.jsonl.")
+    else: raise SidclipError(f"The synthesis manifest {p} does not exist: pass the output folder of `sidclip synth` or its manifest.jsonl.")
     if p.is_file(): rows = _rows_of(p)
     else:
         rows, _ = _collect(out, check_files=False)
@@ -293,39 +293,36 @@ def run_sharded(make_generator: Callable,     # device -> Generator (built insid
     return st | {'rank': state.process_index, 'world_size': state.num_processes}
 
 # %% ../nbs/06_generate.ipynb #8675e828
-import torch
-from torch.utils.data import Dataset
+from .data import ImageListDataset
 
-class SyntheticDataset(Dataset):
-    "Images of a generation manifest as `(tensor, label)`."
+def manifest_items(rows: list[dict],          # rows from `read_manifest`
+                   root: str | Path,           # the folder the rows' `file`s are relative to
+                   class_names: Sequence[str] | None = None, # label order, rows mapped by `class_name`; None: each row's `label`
+                   per_class: int | None = None, # keep at most this many per class, the first in row order (None: all)
+                  ) -> list[tuple[Path, int]]:
+    "(absolute path, label) of each manifest row."
+    idx = {c: i for i, c in enumerate(class_names)} if class_names is not None else None
+    items, seen = [], {}
+    for r in rows:
+        c = r.get('class_name'); seen[c] = n = seen.get(c, 0) + 1
+        if per_class is not None and n > per_class: continue
+        if idx is not None and c not in idx:
+            raise SidclipError(f"Manifest class {c!r} ({r['file']}) is not in the split's classes {list(class_names)[:5]}...: "
+                               "use the manifest generated for this split, or the class_names it was generated with.")
+        lab = idx[c] if idx is not None else r.get('label')
+        if lab is None: raise SidclipError(f"Manifest row {r['item_id']} has no label: pass the split's class_names.")
+        items.append((Path(root)/r['file'], int(lab)))
+    return items
+
+class SyntheticDataset(ImageListDataset):
+    "Images of a generation manifest as `(tensor, label)`: an `ImageListDataset` of its `manifest_items`."
     def __init__(self, manifest_rows: list[dict],     # rows from `read_manifest`
                  root: str | Path,                     # the output folder the rows' `file`s are relative to
                  class_names: list[str] | None = None, # label order; None = use each row's `label`
-                 transform: Callable | None = None,    # PIL -> tensor (default: `to_tensor`, [0,1])
+                 transform: Callable | None = None,    # PIL -> tensor (default: `data.to_tensor01`, [0,1])
                 ):
-        self.root, self.transform = Path(root), transform
-        idx = {c: i for i, c in enumerate(class_names)} if class_names is not None else None
-        self.items = []
-        for r in manifest_rows:
-            if idx is not None and r['class_name'] not in idx:
-                raise SidclipError(f"Manifest class {r['class_name']!r} ({r['file']}) is not in class_names {class_names[:5]}...: "
-                                   "pass the split's class_names that were used to generate it.")
-            lab = idx[r['class_name']] if idx is not None else r.get('label')
-            if lab is None: raise SidclipError(f"Row {r['item_id']} has no label: pass class_names to SyntheticDataset.")
-            self.items.append((self.root/r['file'], int(lab)))
-
-    def __len__(self): return len(self.items)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        path, lab = self.items[i]
-        try:
-            with Image.open(path) as im: img = im.convert('RGB')
-        except (OSError, ValueError) as e:
-            raise SidclipError(f"Can't read synthetic image {path} ({e}): delete it and its manifest line, then re-run `sidclip synth`.") from None
-        if self.transform is not None: return self.transform(img), lab
-        from torchvision.transforms.functional import to_tensor
-        return to_tensor(img), lab
+        super().__init__(manifest_items(manifest_rows, root, class_names), transform,
+                         fix='delete it and its manifest line, then re-run the same `sidclip synth` command to regenerate it')
 
 # %% ../nbs/06_generate.ipynb #a2858d8e
 def plot_sample_grid(manifest_rows: list[dict],   # rows from `read_manifest`

@@ -25,25 +25,27 @@ __all__ = ['SHAPE_SETS', 'IMAGENET_C', 'CORRUPTIONS', 'as_dataset', 'predict', '
            'synthetic_halves', 'probe_teacher']
 
 # %% ../nbs/11_probes.ipynb #4b38bb42
-def _logits(model: nn.Module,  # a classifier: returns a logits tensor or a dict with 'logits'
-            x: torch.Tensor,   # (B,3,H,W) images in [0,1]
-           ) -> torch.Tensor:
-    "Class logits (B, C) of `model` on `x`, whether it returns a tensor or a dict with 'logits'."
-    out = model(x)
+def _pick_logits(out, model: nn.Module) -> torch.Tensor:
+    "Class logits (B, C) from `model`'s output `out`: a logits tensor or a dict with 'logits'."
     if isinstance(out, dict):
         if out.get('logits') is None: raise SidclipError(f"{type(model).__name__} returned no 'logits' (no class head?): build it with class names, or probe its features with `feature_reliance`.")
         out = out['logits']
     if not torch.is_tensor(out) or out.ndim != 2: raise SidclipError(f"{type(model).__name__} must return (B, C) logits or a dict with them; got {type(out).__name__}.")
     return out.float()
 
-def _features(model: nn.Module,  # a `Student`/`Teacher` (uses 'embeds') or an `ImageEncoder` (returns features)
-              x: torch.Tensor,   # (B,3,H,W) images in [0,1]
-             ) -> torch.Tensor:
-    "Image features (B, D) of `model`: its 'embeds' when it returns a dict, else its output."
-    out = model(x)
+def _pick_embeds(out, model: nn.Module) -> torch.Tensor:
+    "Image features (B, D) from `model`'s output `out`: its 'embeds' when it is a dict, else the output."
     if isinstance(out, dict): out = out.get('embeds')
     if not torch.is_tensor(out) or out.ndim != 2: raise SidclipError(f"{type(model).__name__} gives no (B, D) features: pass a Student, Teacher or ImageEncoder.")
     return out.float()
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    "Class logits (B, C) of a classifier (a `Student`, `Teacher` or any logits model) on images `x`."
+    return _pick_logits(model(x), model)
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    "Image features (B, D) of a `Student`/`Teacher` ('embeds') or an `ImageEncoder` on images `x`."
+    return _pick_embeds(model(x), model)
 
 # %% ../nbs/11_probes.ipynb #7a71cf1e
 def as_dataset(data,                       # a `DatasetInfo`, a list of (path, label) pairs, or a Dataset of (image, label)
@@ -57,26 +59,17 @@ def as_dataset(data,                       # a `DatasetInfo`, a list of (path, l
     if hasattr(data, '__getitem__') and hasattr(data, '__len__'): return data
     raise SidclipError(f"Cannot use a {type(data).__name__} as a dataset: pass a DatasetInfo, (path, label) pairs, or a torch Dataset.")
 
-@torch.no_grad()
 def predict(model: nn.Module,                  # classifier (see `_logits`)
             data,                              # anything `as_dataset` accepts
             batch_size: int = 64,              # images per forward pass
             device: str | torch.device = 'cpu', # where to run
             batch_fn: Callable | None = None,  # (images, batch_index) -> images, applied before the model
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Logits (N, C) and labels (N,) of `model` on a dataset, in eval mode (restored afterwards)."
-    from torch.utils.data import DataLoader
+    "Logits (N, C) and labels (N,) of `model` on a dataset, in eval mode (restored afterwards): `evaluate.extract_features`'s loop."
+    from sidclip_guide.evaluate import extract_features
     ds = as_dataset(data)
     if len(ds) == 0: raise SidclipError("predict got an empty dataset: nothing to evaluate.")
-    device = get_device(device); was = model.training; model.eval().to(device)
-    logits, labels = [], []
-    try:
-        for bi, (x, y) in enumerate(DataLoader(ds, batch_size=batch_size, shuffle=False)):
-            x = x.to(device)
-            if batch_fn is not None: x = batch_fn(x, bi)
-            logits.append(_logits(model, x).cpu()); labels.append(torch.as_tensor(y))
-    finally: model.train(was)
-    return torch.cat(logits), torch.cat(labels).long()
+    return extract_features(model, ds, batch_size, device, normalize=False, progress=False, take=lambda o: _pick_logits(o, model), batch_fn=batch_fn)
 
 # %% ../nbs/11_probes.ipynb #b22baaf5
 SHAPE_SETS = ('coloured', 'shuffled', 'unicolour_bg')  # the three views of the shapes world
@@ -182,14 +175,10 @@ def spurious_reliance(classifier: nn.Module,  # maps [0,1] images to logits over
     return res
 
 # %% ../nbs/11_probes.ipynb #95b53689
-@torch.no_grad()
 def _extract(model, data, batch_size, device):
-    "L2-normalised features (N, D) and labels (N,) of `model` on a dataset, in eval mode."
-    from torch.utils.data import DataLoader
-    device = get_device(device); was = model.training; model.eval().to(device)
-    try: fs, ys = zip(*((F.normalize(_features(model, x.to(device)), dim=-1).cpu(), torch.as_tensor(y)) for x, y in DataLoader(as_dataset(data), batch_size)))
-    finally: model.train(was)
-    return torch.cat(fs), torch.cat(ys).long()
+    "L2-normalised features (N, D) and labels (N,) of `model` on a dataset, in eval mode: `evaluate.extract_features`'s loop."
+    from sidclip_guide.evaluate import extract_features
+    return extract_features(model, as_dataset(data), batch_size, device, progress=False, take=lambda o: _pick_embeds(o, model))
 
 def feature_reliance(model: nn.Module,   # a Student / Teacher (its 'embeds') or an ImageEncoder
                      sets: dict,         # the three shapes views from `shapes_probe_sets`

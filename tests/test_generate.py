@@ -152,7 +152,7 @@ def test_bad_manifests(tmp_path):
     with pytest.raises(SidclipError, match='line 3 is not valid JSON'): read_manifest(tmp_path, check_files=False)
     (tmp_path/MANIFEST).write_text(json.dumps({'item_id': 'x', 'file': 'x.png'}) + '\n')
     with pytest.raises(SidclipError, match='not a sidclip manifest row'): read_manifest(tmp_path)
-    with pytest.raises(SidclipError, match='No manifest'): read_manifest(tmp_path/'nothing')
+    with pytest.raises(SidclipError, match='does not exist'): read_manifest(tmp_path/'nothing')
     with pytest.raises(SidclipError, match='Duplicate item_id'): run_generation(NoiseGenerator(16), plan + plan[:1], tmp_path/'d', progress=False)
 
 
