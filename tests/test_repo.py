@@ -78,3 +78,22 @@ def test_imports_have_their_own_cells():
             if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes) and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes):
                 bad.append(f'{nb.name} cell {i}: {s.splitlines()[0][:60]}')
     assert not bad, 'move these imports into their own cells:\n' + '\n'.join(bad)
+
+
+def test_every_import_is_declared():
+    "Each third-party module the library imports (at the top or inside a function) comes from a requirement in settings.ini: a user's `pip install sidclip-guide` has it."
+    import ast, configparser, re
+    from importlib.metadata import packages_distributions
+    cfg = configparser.ConfigParser(); cfg.read(ROOT/'settings.ini')
+    norm = lambda s: re.sub(r'[-_.]+', '-', s).lower()
+    declared = {norm(re.split(r'[<>=!~\[ ;]', r, 1)[0]) for key in ('requirements', 'deploy_requirements')
+                for r in cfg['DEFAULT'][key].split()}
+    dists = {m: {norm(d) for d in ds} for m, ds in packages_distributions().items()}
+    undeclared = {}
+    for py in sorted((ROOT/'sidclip_guide').glob('*.py')):
+        for node in ast.walk(ast.parse(py.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for top in {n.split('.')[0] for n in names}:
+                if top in sys.stdlib_module_names or top in ('sidclip_guide', '__future__'): continue
+                if not dists.get(top, set()) & declared: undeclared.setdefault(top, []).append(py.name)
+    assert not undeclared, f"imported but not in settings.ini's requirements: {undeclared}"
