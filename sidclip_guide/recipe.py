@@ -204,7 +204,7 @@ class Run:
         from sidclip_guide.distill import make_student
         bundle, teacher = self.teacher
         return make_student(self.split.class_names, self.distill_cfg, teacher_dim=teacher.embed_dim, category=self.split.category,
-                            text_bundle=bundle, config=self.cfg.student)
+                            text_bundle=bundle, config=self.cfg.student, teacher=teacher)
 
     @property
     def student(self):

@@ -62,6 +62,7 @@ class StudentConfig:
     proj_dim: int | None = None       # teacher embedding size: adds a projection for feature distillation (Popp et al.)
     freeze_text: bool = True          # keep the text tower frozen (only matters with keep_text)
     keep_text: bool = False           # keep the text tower inside the student (for losses on student text embeddings)
+    init_from: str | None = None      # a `sidclip pretrain` folder: start from its feature-distilled tower, head from the teacher's ("+I" without a public small CLIP)
 
 # %% ../nbs/07_student.ipynb #1b5c3c06
 def head_prompts(class_names: Sequence[str],  # class names, in label order

@@ -13,9 +13,9 @@ def sidclip(*args, cwd=None, timeout=600):
 def test_help_lists_every_subcommand():
     r = sidclip('--help')
     assert r.returncode == 0
-    for cmd in ('demo', 'eval', 'synth', 'distill', 'probe', 'export', 'predict'): assert cmd in r.stdout
+    for cmd in ('demo', 'eval', 'synth', 'distill', 'pretrain', 'probe', 'run', 'export', 'predict'): assert cmd in r.stdout
 
-@pytest.mark.parametrize('cmd', ['demo', 'eval', 'synth', 'distill', 'probe'])
+@pytest.mark.parametrize('cmd', ['demo', 'eval', 'synth', 'distill', 'pretrain', 'probe', 'run', 'export', 'predict'])
 def test_each_subcommand_explains_itself(cmd):
     r = sidclip(cmd, '--help')
     assert r.returncode == 0 and 'usage: sidclip ' + cmd in r.stdout

@@ -273,3 +273,14 @@ def test_resume_skips_a_truncated_checkpoint_and_manifest(toy, capsys):
     save_student(r.student, out, spec)
     (out / 'student.safetensors').write_bytes(b'\x00' * 10)
     with pytest.raises(SidclipError, match='student.safetensors is unreadable'): load_student(out)
+
+
+@pytest.mark.parametrize('loss', ['clip', 'mp'])
+def test_contrastive_losses_train_alone(toy, loss):
+    "Popp's CLIP and multi-positive losses on their own (no L2, no teacher forward): one tiny epoch from the CLI, the term logged by name."
+    from sidclip_guide.cli import main
+    tmp, split, bundle = toy
+    out = tmp / f'alone-{loss}'
+    assert main(['distill', '--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', '1', '--loss', loss, '--quiet']) == 0
+    row = read_metrics(out / 'metrics.jsonl')[0]
+    assert loss in row and 'l2' not in row and row['loss'] == pytest.approx(row[loss])
