@@ -12,8 +12,9 @@ from .utils import SidclipError, atomic_write_text, os_error_message, _typed, _u
 
 # %% auto #0
 __all__ = ['COMMANDS', 'DEVICE_HELP', 'WIRING_NOTE', 'command', 'device_and_quiet', 'build_parser', 'main', 'config_arguments',
-           'config_from_args', 'config_file_base', 'eval_args', 'synth_args', 'distill_args', 'pretrain_args',
-           'probe_args', 'run_args', 'export_args', 'predict_args', 'run_demo', 'demo_args']
+           'config_from_args', 'config_file_base', 'eval_args', 'synth_args', 'teacher_flags', 'run_folder_flags',
+           'distill_args', 'pretrain_args', 'probe_args', 'run_args', 'export_args', 'predict_args', 'run_demo',
+           'demo_args']
 
 # %% ../nbs/90_cli.ipynb #d787569c
 COMMANDS = {}   # command -> (one-line help for `sidclip --help`, function that fills its parser), in the method's order
@@ -221,16 +222,34 @@ def _synth_cmd(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #f4e78c12
+def teacher_flags(p: argparse.ArgumentParser, # a training command's parser
+                  skip: typing.Collection[str] = (), # TeacherConfig fields it does not read ('teacher.field')
+                 ) -> None:
+    "The `--teacher.*` flags of `TeacherConfig` (and their older names --teacher, --teacher-pretrained, ...)."
+    from sidclip_guide.distill import TeacherConfig
+    old = {f'teacher.{f}': ['--teacher' if f == 'name' else f'--teacher-{f}'.replace('_', '-')] for f in ('name', 'pretrained', 'by_position', 'head_epochs')}
+    config_arguments(p, TeacherConfig, prefix='teacher.', given_only=True, skip=skip, aliases={k: v for k, v in old.items() if k not in skip})
+
+def run_folder_flags(p: argparse.ArgumentParser, # a training command's parser
+                     out_help: str,               # what --out holds
+                     tiny_help: str,              # what --tiny runs
+                    ) -> None:
+    "The flags of a resumable training run: --out, --resume, --restart, --stop-after, --tiny, --quiet."
+    p.add_argument('--out', required=True, help=out_help)
+    p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out (the default whenever --out holds one)')
+    p.add_argument('--restart', action='store_true', help="start from scratch: delete --out's checkpoints and metrics first")
+    p.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (time-boxed sessions; resume later)')
+    p.add_argument('--tiny', action='store_true', help=tiny_help)
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+
 @command('distill', 'distil a CLIP teacher into a small student (SIDCLIP KD or feature distillation)')
 def distill_args(p: argparse.ArgumentParser):
     "Fit the teacher head on the k real shots, then distil into the student on the shots plus their synthetic images. Checkpoints every epoch; re-running the same command continues the run exactly."
-    from sidclip_guide.distill import DistillConfig, TeacherConfig, RECIPES
+    from sidclip_guide.distill import DistillConfig, RECIPES
     p.add_argument('--split', help='few-shot split JSON (from save_split); optional with --tiny')
     p.add_argument('--k', type=int, default=None, help="real shots per class (default: the split's k)")
     p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) of synthetic images')
-    config_arguments(p, TeacherConfig, prefix='teacher.', given_only=True,   # --teacher.name, ... (and the older --teacher, --teacher-pretrained, ...)
-                     aliases={f'teacher.{f}': ['--teacher' if f == 'name' else f'--teacher-{f}'.replace('_', '-')]
-                              for f in ('name', 'pretrained', 'by_position', 'head_epochs')})
+    teacher_flags(p)
     p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
     p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
@@ -239,12 +258,8 @@ def distill_args(p: argparse.ArgumentParser):
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
     config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True)
     p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
-    p.add_argument('--out', required=True, help='run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)')
-    p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out (the default whenever --out holds one)')
-    p.add_argument('--restart', action='store_true', help="start from scratch: delete --out's checkpoints and metrics first")
-    p.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (time-boxed sessions; resume later)')
-    p.add_argument('--tiny', action='store_true', help='offline smoke mode: tiny random CLIP teacher and student, toy data if no --split')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')   # --device is DistillConfig's (None: the best available)
+    run_folder_flags(p, 'run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)',   # --device is DistillConfig's (None: the best available)
+                     'offline smoke mode: tiny random CLIP teacher and student, toy data if no --split')
     p.set_defaults(func=_distill_cmd)
 
 def _distill_config(a: argparse.Namespace):
@@ -303,20 +318,15 @@ def _distill_cmd(args: argparse.Namespace) -> int:
 @command('pretrain', "Popp et al.'s stage 1: distil a teacher's image embeddings into a small tower on any unlabelled images (an \"+I\" start)")
 def pretrain_args(p: argparse.ArgumentParser):
     "Feature-distil the teacher's L2-normalised image embeddings into a timm network with a projection, on every image below --images (no labels needed). The student saved in --out is an \"+I\" start for any task: `sidclip distill --init-from OUT` puts the teacher's class head on its projection. Re-running the same command continues the run."
-    from sidclip_guide.distill import DistillConfig, TeacherConfig
+    from sidclip_guide.distill import DistillConfig
     p.add_argument('--images', required=True, help='folder of unlabelled images, searched recursively (a generic crawl, ImageNet, your own photos)')
-    config_arguments(p, TeacherConfig, prefix='teacher.', given_only=True, skip={'teacher.head_epochs'},
-                     aliases={f'teacher.{f}': ['--teacher' if f == 'name' else f'--teacher-{f}'.replace('_', '-')] for f in ('name', 'pretrained', 'by_position')})
+    teacher_flags(p, skip={'teacher.head_epochs'})   # no head: pretraining distils embeddings
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the student tower (default: efficientnet_b0, as SIDCLIP)')
     p.add_argument('--student-pretrained', default=None, help="the tower's starting weights: a local weights file (default: random init)")
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to DistillConfig.popp(epochs=1) (the flags override it)')
     config_arguments(p, DistillConfig, skip={'out_dir', 'progress', 'loss', 'init'}, given_only=True)
-    p.add_argument('--out', required=True, help='folder of the pretrained student (student.safetensors, student.json, checkpoints/, metrics)')
-    p.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --out (the default whenever --out holds one)')
-    p.add_argument('--restart', action='store_true', help="start from scratch: delete --out's checkpoints and metrics first")
-    p.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs (time-boxed sessions; resume later)')
-    p.add_argument('--tiny', action='store_true', help='offline smoke mode: the tiny random CLIP teacher and a tiny timm tower, 32 px')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
+    run_folder_flags(p, 'folder of the pretrained student (student.safetensors, student.json, checkpoints/, metrics)',
+                     'offline smoke mode: the tiny random CLIP teacher and a tiny timm tower, 32 px')
     p.set_defaults(func=_pretrain_cmd)
 
 def _pretrain_cmd(args: argparse.Namespace) -> int:
