@@ -35,9 +35,9 @@ __all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_F
 LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp', 'clip', 'mp')   # the keys of the `LOSSES` registry (below)
 _NO_EFFECT = ('device', 'progress', 'num_workers', 'out_dir', 'eval_every', 'save_every', 'keep')  # fields a resume may change
 
-TINY = dict(epochs=2, min_steps=0, batch_size=8, image_size=32)
+TINY = dict(epochs=2, min_steps=0, batch_size=8, image_size=32)   # what `--tiny` changes in any recipe: tiny offline models, a smoke run
 AUGMENTS = {'crop-flip': dict(ratio=(3/4, 4/3), flip=True),   # the torchvision default crop and a flip (SIDCLIP's base, before RandAugment)
-            'square-crop': dict(ratio=(1.0, 1.0), flip=False)} # Popp et al. §4: "random square crops" and nothing else   # what `--tiny` changes in any recipe: tiny offline models, a smoke run
+            'square-crop': dict(ratio=(1.0, 1.0), flip=False)} # Popp et al. §4: "random square crops" and nothing else
 
 @dataclass
 class DistillConfig:
@@ -140,7 +140,6 @@ def build_distill_dataset(split,                   # a `FewShotSplit`
                           synthetic_per_class: int | None = None, # at most this many synthetic images per class (None: the whole pool)
                          ) -> Dataset:
     "The distillation set: the split's k real shots ∪ their synthetic images."
-    from sidclip_guide.data import ImageListDataset
     items = [(Path(p), int(y)) for p, y in split.shots(k)]
     if use_synthetic and manifest is not None: items += synthetic_items(manifest, split.class_names, per_class=synthetic_per_class)
     if not items: raise SidclipError(f"The distillation set is empty (k={k}, manifest={manifest}): use k >= 1 or pass a manifest with synthetic images.")
@@ -581,7 +580,7 @@ def probe_head(student: nn.Module,  # a `Student` with a head
 
 def _probe_set(train_ds: Dataset, image_size: int) -> Dataset:
     "The labelled items of the training set without augmentation (the eval transform), when the dataset lists its items."
-    from sidclip_guide.data import ImageListDataset, eval_transform
+    from sidclip_guide.data import eval_transform
     items = getattr(train_ds, 'items', None)
     return ImageListDataset([it for it in items if int(it[1]) >= 0], eval_transform(image_size)) if items else train_ds
 
@@ -750,7 +749,6 @@ def finetune_feature_distill(student: nn.Module,       # the (pretrained) studen
                              **train_kw,               # passed to `train`
                             ) -> TrainResult:
     "Stage 2 (Popp et al.): L2 feature distillation on the synthetic images of the target domain."
-    from sidclip_guide.data import ImageListDataset
     cfg = _feature_cfg(cfg, 'finetune_feature_distill')
     if cfg.loss != 'l2' and class_names is None:
         raise SidclipError(f"loss={cfg.loss!r} needs class labels: pass class_names (the manifest's classes), or use loss='l2'.")

@@ -43,10 +43,6 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     "Class logits (B, C) of a classifier (a `Student`, `Teacher` or any logits model) on images `x`."
     return _pick_logits(model(x), model)
 
-def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    "Image features (B, D) of a `Student`/`Teacher` ('embeds') or an `ImageEncoder` on images `x`."
-    return _pick_embeds(model(x), model)
-
 # %% ../nbs/11_probes.ipynb #7a71cf1e
 def as_dataset(data,                       # a `DatasetInfo`, a list of (path, label) pairs, or a Dataset of (image, label)
                transform: Callable | None = None, # PIL -> [0,1] tensor for file lists (default: `data.to_tensor01`)
