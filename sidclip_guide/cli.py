@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb #cec79c96
 from __future__ import annotations
-import sys, time, argparse, dataclasses, typing
+import sys, time, argparse, dataclasses, inspect, typing
 from pathlib import Path
 
 from . import __version__
@@ -36,8 +36,18 @@ def device_and_quiet(p: argparse.ArgumentParser, # a subcommand's parser
     p.add_argument('--device', default='auto', help=DEVICE_HELP)
     p.add_argument('--quiet', *quiet_aliases, dest='quiet', action='store_true', help='no progress bars')
 
+# %% ../nbs/90_cli.ipynb #d8879dbd
+def _flag_value(argv: typing.Sequence[str], flag: str, default: str) -> str:
+    "The value of `flag` in a raw command line (`--flag V` or `--flag=V`), or `default`."
+    argv = list(argv)
+    for j, a in enumerate(argv):
+        if a == flag and j + 1 < len(argv): return argv[j + 1]
+        if a.startswith(flag + '='): return a.split('=', 1)[1]
+    return default
+
 # %% ../nbs/90_cli.ipynb #e39fb9d0
 def build_parser(command: str | None = None, # build this command's full parser (imports its stage module); the others get a help line only
+                 argv: typing.Sequence[str] = (),  # the command line, for parsers whose help depends on it (distill --recipe)
                 ) -> argparse.ArgumentParser:
     "The `sidclip` argument parser, from `COMMANDS`; only `command`'s stage module is imported."
     p = argparse.ArgumentParser(prog='sidclip', description='Distil a large CLIP into a small task-specific classifier '
@@ -45,7 +55,9 @@ def build_parser(command: str | None = None, # build this command's full parser 
     p.add_argument('--version', action='version', version=f'sidclip-guide {__version__}')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
     for name, (help, fill) in COMMANDS.items():
-        if name == command: fill(sub.add_parser(name, help=help, description=fill.__doc__))
+        if name == command:
+            sp = sub.add_parser(name, help=help, description=fill.__doc__)
+            fill(sp, **({'argv': argv} if 'argv' in inspect.signature(fill).parameters else {}))
         else: sub.add_parser(name, help=help, add_help=False)
     return p
 
@@ -55,7 +67,7 @@ def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
     "Entry point of the `sidclip` console script: returns the exit code (2 for bad input)."
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith('-')), None)
-    parser = build_parser(command)
+    parser = build_parser(command, argv)
     args = parser.parse_args(argv)
     if not getattr(args, 'func', None):
         parser.print_help(); return 1
@@ -207,12 +219,13 @@ def _synth_cmd(args: argparse.Namespace) -> int:
     import torch
     from sidclip_guide.data import load_split
     from sidclip_guide.generate import SynthConfig, plan_items, prompt_config, synth_generator, run_sharded, MANIFEST
-    if args.split: src = load_split(args.split); class_names = list(src.class_names)
+    if args.split: src = load_split(args.split); class_names, category = list(src.class_names), src.category
     else:
-        src = class_names = [c.strip() for c in args.classes.split(',') if c.strip()]
+        src = class_names = [c.strip() for c in args.classes.split(',') if c.strip()]; category = 'object'
         if not class_names: raise SidclipError('--classes is empty: give comma-separated class names.')
     cfg = config_from_args(SynthConfig, args, config_file_base(SynthConfig, args.config)).validate()
-    reqs = plan_items(src, cfg.mode, cfg.n_per_class, args.seed, prompt_config(cfg, args.seed) if cfg.mode == 'prompt' else None, shots_k=args.k)
+    reqs = plan_items(src, cfg.mode, cfg.n_per_class, args.seed, prompt_config(cfg, args.seed, class_names, category, args.out) if cfg.mode == 'prompt' else None,
+                      shots_k=args.k)
     cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
     st = run_sharded(lambda dev: synth_generator(cfg, _rank_device(args.device, dev), args.seed), reqs, args.out, cpu=cpu,
                      batch_size=cfg.batch_size, class_names=class_names, ext=cfg.ext, max_attempts=cfg.max_attempts, progress=not args.quiet)
@@ -243,9 +256,14 @@ def run_folder_flags(p: argparse.ArgumentParser, # a training command's parser
     p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 @command('distill', 'distil a CLIP teacher into a small student (SIDCLIP KD or feature distillation)')
-def distill_args(p: argparse.ArgumentParser):
+def distill_args(p: argparse.ArgumentParser, argv: typing.Sequence[str] = ()):
     "Fit the teacher head on the k real shots, then distil into the student on the shots plus their synthetic images. Checkpoints every epoch; re-running the same command continues the run exactly."
-    from sidclip_guide.distill import DistillConfig, RECIPES
+    from sidclip_guide.distill import DistillConfig, RECIPES, recipe_changes
+    recipe = _flag_value(argv, '--recipe', 'sidclip')
+    if recipe not in RECIPES: recipe = 'sidclip'   # argparse names the bad choice below
+    changes = recipe_changes(recipe)
+    p.epilog = (f"--recipe {recipe} sets: " + ', '.join(f'{k}={_shown(v)}' for k, v in changes.items()) + " (the defaults shown above are the recipe's)"
+                if changes else f"--recipe {recipe}: DistillConfig's defaults (shown above); --recipe popp --help lists what Popp et al.'s recipe sets")
     p.add_argument('--split', help='few-shot split JSON (from save_split); optional with --tiny')
     p.add_argument('--k', type=int, default=None, help="real shots per class (default: the split's k)")
     p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) of synthetic images')
@@ -256,7 +274,7 @@ def distill_args(p: argparse.ArgumentParser):
     p.add_argument('--init-from', default=None, help='a `sidclip pretrain` folder: start from its feature-distilled student, head from the teacher\'s ("+I")')
     p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
-    config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True)
+    config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True, base=RECIPES[recipe]())
     p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
     run_folder_flags(p, 'run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)',   # --device is DistillConfig's (None: the best available)
                      'offline smoke mode: tiny random CLIP teacher and student, toy data if no --split')
@@ -362,6 +380,7 @@ def probe_args(p: argparse.ArgumentParser):
     p.add_argument('--model', required=True, help="CLIP to probe: open_clip name (ViT-L-14), 'hf-hub:org/repo' or a registered config")
     p.add_argument('--pretrained', default=None, help='weights tag (openai) or checkpoint path (default: none = random init)')
     p.add_argument('--manifest', default=None, help='synthesis manifest.jsonl (or its folder) for the synthetic<->real transfer probe')
+    p.add_argument('--test-set', action='append', default=[], metavar='NAME=MANIFEST', help="an independent test set for the transfer probe, e.g. sketches=syn-sketch/ from `sidclip synth --template 'a sketch of a {classname}'` (repeatable)")
     p.add_argument('--run', default=None, help='a `sidclip distill --out` folder: also probe the distilled student in it')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--config', default=None, help='YAML file of ProbeConfig settings (the flags below override it)')
@@ -380,7 +399,9 @@ def _probe_cmd(args: argparse.Namespace) -> int:
     synthetic = synthetic_items(args.manifest, split.class_names) if args.manifest else None
     bundle, t0 = load_clip(args.model, args.pretrained, device=str(device)), time.time()
     student = load_student(args.run, device) if args.run else None
-    res = probe_teacher(bundle, split, args.out, cfg, synthetic, device, student)
+    if any('=' not in t for t in args.test_set): raise SidclipError(f"--test-set takes NAME=MANIFEST, got {[t for t in args.test_set if '=' not in t][0]!r}.")
+    test_sets = {n: synthetic_items(m, split.class_names) for n, m in (t.split('=', 1) for t in args.test_set)}
+    res = probe_teacher(bundle, split, args.out, cfg, synthetic, device, student, test_sets)
     s = res['robustness'].attrs
     print(f"probe: clean top-1 {s['clean']:.3f}, mean corruption acc {s['mean_corruption_acc']:.3f} (relative drop {s['relative_drop']:.3f}); "
           f"shapes colour_drop {res['shapes']['colour_drop']:.3f}; {time.time() - t0:.0f}s -> {Path(args.out) / 'results.md'}")

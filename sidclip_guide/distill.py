@@ -29,10 +29,10 @@ __all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_F
            'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode',
            'param_groups', 'epoch_batches', 'step_budget', 'probe_head', 'train', 'pretrain_feature_distill',
            'finetune_feature_distill', 'make_teacher', 'make_student', 'TeacherConfig', 'teacher_head',
-           'feature_teacher', 'build_teacher', 'save_student', 'load_student', 'pretrained_student']
+           'feature_teacher', 'build_teacher', 'save_student', 'load_student', 'pretrained_student', 'recipe_changes']
 
 # %% ../nbs/10_distill.ipynb #152dd670
-LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp', 'clip', 'mp')   # the keys of the `LOSSES` registry (below)
+LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp', 'clip', 'mp', 'contrastive', 'l2+contrastive')   # the keys of the `LOSSES` registry (below)
 _NO_EFFECT = ('device', 'progress', 'num_workers', 'out_dir', 'eval_every', 'save_every', 'keep')  # fields a resume may change
 
 TINY = dict(epochs=2, min_steps=0, batch_size=8, image_size=32)   # what `--tiny` changes in any recipe: tiny offline models, a smoke run
@@ -42,10 +42,10 @@ AUGMENTS = {'crop-flip': dict(ratio=(3/4, 4/3), flip=True),   # the torchvision 
 @dataclass
 class DistillConfig:
     "Everything that defines a distillation run. KD form, T-softening and RandAugment are SIDCLIP's; the few-shot numbers are this library's own, chosen on real photos (see the benchmark section)."
-    loss: str = 'kd'                 # 'kd' (SIDCLIP), 'l2' (Popp), 'ce' (no distillation), 'l2+clip', 'l2+mp', or Popp's 'clip' / 'mp' alone
+    loss: str = 'kd'                 # 'kd' (SIDCLIP), 'l2' (Popp), 'ce' (no distillation), 'l2+clip', 'l2+mp', 'l2+contrastive', or Popp's 'clip' / 'mp' / 'contrastive' (image, learnable τ) alone
     alpha: float = 0.9               # KD weight α in α·T²·KL + (1−α)·CE, in [0, 1] (papers give none: library's choice)
     T: float = 4.0                   # KD temperature, > 0 (papers give none: library's choice)
-    aux_weight: float = 1.0          # weight of the CLIP / multi-positive term in 'l2+clip' / 'l2+mp'
+    aux_weight: float = 1.0          # weight of the CLIP / multi-positive / image contrastive term in 'l2+clip' / 'l2+mp' / 'l2+contrastive'
     epochs: int = 10                 # passes over the distillation set (at least; see min_steps)
     min_steps: int = 100             # at least this many optimizer steps: tiny few-shot sets get more epochs, large sets are unaffected
     batch_size: int = 32             # per-process batch size (Popp: 256)
@@ -112,7 +112,7 @@ class DistillConfig:
         return self
 
     @property
-    def needs_teacher(self) -> bool: return self.loss not in ('ce', 'clip', 'mp')
+    def needs_teacher(self) -> bool: return self.loss not in ('ce', 'clip', 'mp')   # the contrastive image loss reads the teacher's embeddings too
     @property
     def needs_labels(self) -> bool: return self.loss in ('ce', 'l2+clip', 'l2+mp', 'clip', 'mp') or (self.loss == 'kd' and self.alpha < 1)
     @property
@@ -240,14 +240,36 @@ def _l2_aux(aux: str, with_l2: bool = True):
         text = F.normalize(student.head.weight.detach().float(), dim=-1); scale = student.logit_scale   # frozen anchors
         key = 'proj' if getattr(student, 'head_input', 'embeds') == 'proj' else 'embeds'              # the vector the head classifies
         emb = F.normalize(s_out[key][m].float(), dim=-1)
-        term = L.clip_loss(emb, text[labels[m]], scale) if aux == 'clip' else L.multi_positive_loss(emb, text, labels[m], scale)
+        if aux == 'clip':                                            # the batch's captions are the negatives: gather them from every process
+            if not m.all() and _world_size() > 1: raise SidclipError(f"loss={cfg.loss!r} under DDP needs a label on every image (unlabelled items found).")
+            term = L.clip_loss(*L.gather_batch(emb, text[labels[m]]), scale)
+        else: term = L.multi_positive_loss(emb, text, labels[m], scale)   # negatives are all class anchors: nothing to gather
         if not with_l2: return {'loss': term['loss'], aux: term['loss']}
         out = L.weighted_sum({'l2': L.l2_feature_loss(*_feature_pair(s_out, t_out)), 'aux': term}, {'l2': 1.0, 'aux': cfg.aux_weight})
         return {'loss': out['loss'], 'l2': out['l2'], 'aux': out['aux']}
     return loss
 
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def _contrastive(with_l2: bool):
+    "Popp's image contrastive loss (appendix A.5) with the student's learnable τ; plus L2 when `with_l2`."
+    def loss(cfg, s_out, t_out, labels, student) -> dict:
+        from sidclip_guide import losses as L
+        if s_out.get('contrastive_scale') is None: raise SidclipError(f"loss={cfg.loss!r} needs the student's learnable temperature: train() adds it; call train, not batch_loss, or set student.contrastive_tau.")
+        s, t = (F.normalize(v.float(), dim=-1) for v in _feature_pair(s_out, t_out))
+        scale = s_out['contrastive_scale']
+        term = L.contrastive_image_loss(*L.gather_batch(s, t), 1 / scale)
+        parts = {'loss': term['loss'], 'contrastive': term['loss'], 'tau': term['tau']}
+        if not with_l2: return parts
+        out = L.weighted_sum({'l2': L.l2_feature_loss(s, t), 'aux': term}, {'l2': 1.0, 'aux': cfg.aux_weight})
+        return {'loss': out['loss'], 'l2': out['l2'], 'aux': out['aux'], 'tau': term['tau']}
+    return loss
+
 LOSSES = {'kd': _kd_loss, 'l2': _l2_loss, 'ce': _ce_loss, 'l2+clip': _l2_aux('clip'), 'l2+mp': _l2_aux('mp'),
-          'clip': _l2_aux('clip', with_l2=False), 'mp': _l2_aux('mp', with_l2=False)}
+          'clip': _l2_aux('clip', with_l2=False), 'mp': _l2_aux('mp', with_l2=False),
+          'contrastive': _contrastive(with_l2=False), 'l2+contrastive': _contrastive(with_l2=True)}
 assert tuple(LOSSES) == LOSS_NAMES
 
 def batch_loss(cfg: DistillConfig,   # which loss, α, T, aux weight
@@ -654,6 +676,9 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     head_init = cfg.head_init if cfg.head_init != 'auto' else ('probe' if cfg.loss in ('kd', 'ce') and getattr(student, 'head_source', 'text') != 'text' else 'keep')
     probe = probe_head(student, _probe_set(train_ds, cfg.image_size), cfg.seed, device=dev) if head_init == 'probe' and ckpt_path is None else None
     # -- optimizer and schedule, counted from the batches this loader really yields
+    if cfg.loss in ('contrastive', 'l2+contrastive') and getattr(student, 'contrastive_tau', None) is None:
+        from sidclip_guide.losses import LearnableTemperature
+        student.contrastive_tau = LearnableTemperature().to(dev)   # Popp's learnable τ: a parameter of the run, checkpointed with the student
     opt = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, dl = acc.prepare(student, dl)
     epochs, total = step_budget(len(dl), cfg.epochs, cfg.min_steps)
@@ -886,6 +911,9 @@ def load_student(run_dir: str | Path,           # a `sidclip distill` run folder
     except Exception as e: raise SidclipError(f"{run_dir/STUDENT_FILES[0]} is unreadable ({type(e).__name__}: {str(e)[:80]}): re-run the same `sidclip distill` command, which rewrites it.") from None
     if spec.get('head_input') == 'proj' and spec['class_names']:   # head on the projection (the teacher's texts or class vectors)
         st.head_input, st.head = 'proj', nn.Linear(spec['teacher_dim'], len(spec['class_names']), bias='head.bias' in weights)
+    if 'contrastive_tau.log_scale' in weights:   # trained with Popp's image contrastive loss: its learned τ comes back too
+        from sidclip_guide.losses import LearnableTemperature
+        st.contrastive_tau = LearnableTemperature()
     load_state_strict(st, weights, what=f'student weights in {run_dir}')
     st.spec = {k: spec[k] for k in ('clip_name', 'timm_name', 'teacher_dim', 'category', 'init', 'loss', 'image_size')}
     return st.to(device).eval()
@@ -911,3 +939,9 @@ def pretrained_student(run_dir: str | Path,  # a `sidclip pretrain` folder (a he
 
 # %% ../nbs/10_distill.ipynb #20074472
 RECIPES = {'sidclip': DistillConfig, 'popp': DistillConfig.popp}   # `sidclip distill --recipe NAME`: the settings the file and flags then change
+
+def recipe_changes(name: str) -> dict:
+    "The `DistillConfig` fields recipe `name` sets to other values than the defaults (what `--recipe NAME --help` lists)."
+    if name not in RECIPES: raise SidclipError(f"Unknown recipe {name!r}: use one of {sorted(RECIPES)}.")
+    new, old = asdict(RECIPES[name]()), asdict(DistillConfig())
+    return {k: v for k, v in new.items() if v != old[k]}

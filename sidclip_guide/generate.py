@@ -13,7 +13,8 @@ import numpy as np
 
 from .utils import SidclipError, atomic_save_image, atomic_write_bytes, atomic_write_text, read_jsonl, append_jsonl, slugify, stable_seed
 from .synthesize import MixSpec, GenRequest
-from .prompts import PromptConfig, build_prompts, text_prompts, builtin_config, load_dimensions
+from .prompts import (PromptConfig, build_prompts, text_prompts, builtin_config, load_dimensions, class_options_file,
+                                   read_class_options, with_class_backgrounds, DEFAULT_LLM)
 
 # %% auto #0
 __all__ = ['N_PER_CLASS', 'SYNTH_MODES', 'MANIFEST', 'GENERATORS', 'SYNTH_EXTS', 'NoiseGenerator', 'class_shots', 'plan_items',
@@ -392,6 +393,11 @@ class SynthConfig:
     batch_size: int = 8               # images per generator call
     dataset_dims: str = 'generic'     # prompt mode: built-in dimensions (pets, food, flowers, cars, imagenet, generic) or a JSON/YAML file
     classname_weight: float | None = None  # prompt mode: compel weight of the class name (default: the dimension set's, Popp Table 5)
+    options: str = 'builtin'          # prompt mode: 'builtin' (the dimension set's options for every class), 'llm' (per class from --llm, cached in OUT/options.json) or a JSON file of per-class options (the cache, edited)
+    llm: str = DEFAULT_LLM            # prompt mode, options llm: chat model, hub id or local folder
+    template: str = 'a photo of a {classname}'  # prompt mode: how a prompt opens; 'a sketch of a {classname}' gives Popp's sketch test set (Table 12)
+    clip_templates: bool = False      # prompt mode: open each prompt with a random one of CLIP's ImageNet templates instead (Popp A.6)
+    class_backgrounds: bool = False   # prompt mode: every class against a solid background of its own colour (Popp Table 2's synthetic spurious set)
     prior: str | None = None          # Kandinsky prior: hub id or local folder (default: kandinsky-community/kandinsky-2-2-prior)
     decoder: str | None = None        # Kandinsky decoder: hub id or local folder (default: kandinsky-community/kandinsky-2-2-decoder)
     model: str | None = None          # SDXL base: hub id or local folder (default: stabilityai/stable-diffusion-xl-base-1.0)
@@ -419,11 +425,28 @@ def synth_generator(cfg: SynthConfig, # which generator, its weights, size and p
                           model=cfg.model, cpu_offload=cfg.cpu_offload)
 
 # %% ../nbs/06_generate.ipynb #fc2489c7
-def prompt_config(cfg: SynthConfig, # uses dataset_dims and classname_weight
-                  seed: int = 0,    # seed of the covering array
+def prompt_config(cfg: SynthConfig,  # uses dataset_dims, classname_weight, options, llm, template, clip_templates
+                  seed: int = 0,     # seed of the covering array
+                  class_names: list[str] | None = None, # the classes; needed for options 'llm' or a file
+                  category: str = 'object',     # the dataset's category word (what the LLM is asked about)
+                  out: str | Path | None = None, # where options 'llm' caches its answers (out/options.json)
+                  ask=None,          # a stand-in for the LLM (tests): (dimension, subject, n) -> options
                  ) -> PromptConfig:
-    "The prompt settings of a `SynthConfig`: built-in dimensions by name, or a JSON/YAML file of them."
+    "The prompt settings of a `SynthConfig`: built-in dimensions by name or a JSON/YAML file of them, with per-class options if asked."
     d = cfg.dataset_dims
     pc = builtin_config(d, seed=seed) if not Path(d).suffix else PromptConfig(load_dimensions(d), seed=seed)
     if cfg.classname_weight is not None: pc.classname_weight = cfg.classname_weight
-    return pc
+    pc.template, pc.clip_templates = cfg.template, cfg.clip_templates
+    if '{classname}' not in cfg.template: raise SidclipError(f"SynthConfig.template={cfg.template!r} needs '{{classname}}' where the class name goes.")
+    if cfg.class_backgrounds and class_names is None: raise SidclipError("class_backgrounds needs the class names: pass class_names.")
+    if cfg.options != 'builtin':
+        if class_names is None: raise SidclipError(f"options={cfg.options!r} needs the class names: pass class_names.")
+        pc.class_options = _class_options(cfg, pc, class_names, category, out, ask)
+    return with_class_backgrounds(pc, list(class_names)) if cfg.class_backgrounds else pc
+
+def _class_options(cfg, pc, class_names, category, out, ask) -> dict:
+    "Per-class options: asked from the LLM (cached in out/options.json) or read from the file `cfg.options` names."
+    n = max(len(x.options) for x in pc.dimensions) if pc.dimensions else 0   # as many per class as the set has (Popp: 15, food 30)
+    if cfg.options != 'llm': return read_class_options(cfg.options, list(class_names))
+    if out is None: raise SidclipError("options='llm' needs a folder for its cache (out/options.json): pass out.")
+    return class_options_file(Path(out)/'options.json', list(class_names), category, pc.dimensions, n, ask, cfg.llm)

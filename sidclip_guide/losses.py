@@ -13,7 +13,7 @@ from .utils import SidclipError
 
 # %% auto #0
 __all__ = ['kd_loss', 'l2_feature_loss', 'clip_loss', 'multi_positive_loss', 'LearnableTemperature', 'contrastive_image_loss',
-           'weighted_sum']
+           'gather_batch', 'weighted_sum']
 
 # %% ../nbs/09_losses.ipynb #b39c5c3c
 def _check_alpha_T(alpha: float, T: float):
@@ -88,19 +88,19 @@ def clip_loss(image_emb: torch.Tensor,  # (B, D) L2-normalised image embeddings
 def multi_positive_loss(image_emb: torch.Tensor,       # (B, D) L2-normalised image embeddings
                         class_text_emb: torch.Tensor,  # (C, D) L2-normalised class-prompt anchors
                         labels: torch.Tensor,          # (B,) class index of each image
-                        logit_scale=100.0,             # exp'd scale (float, tensor or module)
+                        logit_scale=100.0,             # exp'd scale 1/τ (float, tensor or module)
+                        symmetric: bool = False,       # also StableRep's text→image term (not Popp's loss)
                        ) -> dict:
-    "Multi-positive contrastive loss against class text anchors; returns loss, i2t, t2i."
+    "Popp et al.'s multi-positive loss: each image against all class anchors, mean over images; returns loss, i2t (and t2i)."
     if image_emb.shape[-1] != class_text_emb.shape[-1] or len(labels) != len(image_emb):
         raise SidclipError(f"multi_positive_loss: images {tuple(image_emb.shape)}, anchors {tuple(class_text_emb.shape)}, labels {tuple(labels.shape)}: "
                            "image and anchor widths must match (project the student into the text space) and give one label per image.")
     logits = _scale(logit_scale) * image_emb @ class_text_emb.t()          # (B, C)
     i2t = F.cross_entropy(logits, labels)
+    if not symmetric: return {'loss': i2t, 'i2t': i2t}
     present = labels.unique()
-    tlog = logits.t()[present]                                             # (C', B) each present class over images
-    target = (labels[None, :] == present[:, None]).float()
-    target = target / target.sum(-1, keepdim=True)
-    t2i = -(target * tlog.log_softmax(-1)).sum(-1).mean()
+    target = (labels[None, :] == present[:, None]).float()                 # (C', B): each present class over the batch's images
+    t2i = -(target / target.sum(-1, keepdim=True) * logits.t()[present].log_softmax(-1)).sum(-1).mean()
     return {'loss': (i2t + t2i) / 2, 'i2t': i2t, 't2i': t2i}
 
 # %% ../nbs/09_losses.ipynb #6f577397
@@ -121,11 +121,26 @@ class LearnableTemperature(nn.Module):
 def contrastive_image_loss(student_emb: torch.Tensor,  # (B, D) L2-normalised student embeddings
                            teacher_emb: torch.Tensor,  # (B, D) L2-normalised teacher embeddings (same images)
                            tau=0.07,                   # temperature: float, or a `LearnableTemperature`
+                           reduction: str = 'sum',     # 'sum' over the batch (Popp's eq. 1) or 'mean'
                           ) -> dict:
-    "Symmetric InfoNCE between student and teacher image embeddings at temperature tau; returns loss, s2t, t2s, tau."
+    "Popp et al.'s image contrastive loss: each student embedding against every teacher embedding of the batch; returns loss, s2t, tau."
+    if student_emb.shape != teacher_emb.shape:
+        raise SidclipError(f"contrastive_image_loss: student {tuple(student_emb.shape)} vs teacher {tuple(teacher_emb.shape)}: one teacher embedding per image, same width.")
+    if reduction not in ('sum', 'mean'): raise SidclipError(f"contrastive_image_loss: unknown reduction {reduction!r}; use 'sum' or 'mean'.")
     scale = tau() if isinstance(tau, nn.Module) else 1 / tau
-    r = clip_loss(student_emb, teacher_emb.detach(), scale)
-    return {'loss': r['loss'], 's2t': r['i2t'], 't2s': r['t2i'], 'tau': (1 / scale).detach() if torch.is_tensor(scale) else torch.tensor(1 / scale)}
+    logits = scale * student_emb @ teacher_emb.detach().t()
+    s2t = F.cross_entropy(logits, torch.arange(len(logits), device=logits.device), reduction=reduction)
+    return {'loss': s2t, 's2t': s2t, 'tau': (1 / scale).detach() if torch.is_tensor(scale) else torch.tensor(1 / scale)}
+
+# %% ../nbs/09_losses.ipynb #14595c2a
+def gather_batch(a: torch.Tensor,  # (B, D) this process's rows (e.g. student embeddings)
+                 b: torch.Tensor,  # (B, D) their pairs (teacher embeddings, or the captions' text embeddings)
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Both tensors with every process's rows, in rank order (gradients flow to this process's rows); unchanged with one process."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return a, b
+    from open_clip.loss import gather_features
+    return gather_features(a, b, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 # %% ../nbs/09_losses.ipynb #01f4116a
 def weighted_sum(parts_by_name: dict[str, dict],  # loss name -> that loss's returned dict (with 'loss')

@@ -14,15 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import SidclipError, atomic_save_image, stable_seed, get_device, seed_everything
+from .utils import SidclipError, atomic_save_image, atomic_write_json, stable_seed, get_device, seed_everything
 from .data import DatasetInfo, ImageListDataset, load_dataset, _SHAPES, _COLOURS, _draw_shape
 from .teacher import clip_teacher
 
 # %% auto #0
-__all__ = ['SHAPE_SETS', 'IMAGENET_C', 'CORRUPTIONS', 'as_dataset', 'predict', 'shape_image', 'shapes_probe_sets', 'ColourStats',
-           'SmallCNN', 'load_tensors', 'fit_classifier', 'spurious_reliance', 'feature_reliance', 'corrupt',
-           'corruption_robustness', 'robustness_summary', 'plot_robustness', 'transfer_matrix', 'ProbeConfig',
-           'synthetic_halves', 'probe_teacher']
+__all__ = ['SHAPE_SETS', 'PLANTED_SETS', 'PLANTED_LOSSES', 'IMAGENET_C', 'CORRUPTIONS', 'as_dataset', 'predict', 'shape_image',
+           'shapes_probe_sets', 'ColourStats', 'SmallCNN', 'load_tensors', 'fit_classifier', 'spurious_reliance',
+           'feature_reliance', 'planted_marks', 'plant_mark', 'planted_probe_sets', 'planted_grid', 'planted_reliance',
+           'corrupt', 'corruption_robustness', 'robustness_summary', 'plot_robustness', 'transfer_matrix',
+           'ProbeConfig', 'synthetic_halves', 'probe_teacher']
 
 # %% ../nbs/11_probes.ipynb #4b38bb42
 def _pick_logits(out, model: nn.Module) -> torch.Tensor:
@@ -195,6 +196,101 @@ def feature_reliance(model: nn.Module,   # a Student / Teacher (its 'embeds') or
     res['colour_drop'] = res['coloured'] - res['shuffled']; res['background_drop'] = res['coloured'] - res['unicolour_bg']
     return res
 
+# %% ../nbs/11_probes.ipynb #b0b25ba5
+def planted_marks(n_classes: int) -> list[tuple[str, str]]:
+    "A distinct (colour, shape) mark per class, in label order: colour and shape both change from class to class (up to 36 classes)."
+    if not 1 <= n_classes <= len(_SHAPES) * len(_COLOURS):
+        raise SidclipError(f"planted_marks: n_classes={n_classes}; there are {len(_SHAPES) * len(_COLOURS)} distinct marks: probe at most that many classes.")
+    cols = list(_COLOURS)   # class 6a + b: colour b, shape (a + b) mod 6, so neither colour nor shape alone repeats within 6 classes
+    return [(cols[i % 6], _SHAPES[(i + i // 6) % 6]) for i in range(n_classes)]
+
+def plant_mark(img,                     # a PIL image (any size)
+               mark: tuple[str, str],   # (colour, shape), e.g. from `planted_marks`
+               seed: int,               # seed of the mark's position and size
+               frac: tuple = (0.2, 0.3), # the mark's side as a fraction of the shorter image side (range)
+              ):
+    "A copy of `img` with a filled coloured shape pasted at a seeded random place, entirely inside the image."
+    from PIL import ImageDraw
+    im = img.convert('RGB').copy(); w, h = im.size
+    rng = np.random.default_rng(seed)
+    r = rng.uniform(*frac) * min(w, h) / 2
+    cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    _draw_shape(ImageDraw.Draw(im), mark[1], cx, cy, r, _COLOURS[mark[0]])
+    return im
+
+# %% ../nbs/11_probes.ipynb #37b73eab
+PLANTED_SETS = ('train+marks', 'test', 'test+shuffled')   # Popp Table 2's rows on real photos
+
+def planted_probe_sets(train: DatasetInfo,      # real training images (the fine-tuning set, before marks)
+                       test: DatasetInfo,       # real test images, same classes
+                       out: str | Path,         # folder for the marked copies (out/<set>/<label>/<file>.png)
+                       seed: int = 0,           # seeds the marks' places and the shuffle
+                      ) -> dict[str, DatasetInfo]:
+    "Popp et al.'s spurious-feature sets on real photos: marked training images, clean test images, test images with other classes' marks."
+    from PIL import Image
+    if train.class_names != test.class_names: raise SidclipError("planted_probe_sets: train and test have different class lists; pass the same classes in the same order.")
+    C, out = len(train.class_names), Path(out)
+    if C < 2: raise SidclipError("planted_probe_sets needs at least 2 classes (a shuffled mark must belong to another class).")
+    marks = planted_marks(C)
+    def marked(name, info, which):
+        items, used = [], {}
+        for p, y in info.items:
+            dst = out / name / f'{y:03d}' / f'{Path(p).stem}.png'
+            s = stable_seed(seed, name, str(Path(p).name), y); used[f'{y:03d}/{dst.name}'] = which(y, s)
+            if not dst.exists():
+                with Image.open(p) as im: atomic_save_image(plant_mark(im, marks[used[f'{y:03d}/{dst.name}']], s), dst)
+            items.append((dst, y))
+        atomic_write_json(out / name / 'marks.json', used)   # which class's mark each file carries
+        return DatasetInfo(items, list(train.class_names), train.category, str(out / name))
+    other = lambda y, s: int((y + 1 + np.random.default_rng(s).integers(C - 1)) % C)   # uniform over the other classes
+    return {'train+marks': marked('train+marks', train, lambda y, s: y), 'test': test, 'test+shuffled': marked('test+shuffled', test, other)}
+
+# %% ../nbs/11_probes.ipynb #8bd2c86f
+def planted_grid(sets: dict[str, DatasetInfo], # from `planted_probe_sets`
+                 n: int = 6,                    # images per set (one row each), from the first n classes
+                 size: int = 96,                # side of each tile in pixels
+                ):
+    "One row of tiles per planted set, the same classes in each column: what the student trains on and is tested on."
+    from PIL import Image
+    rows = []
+    for name in PLANTED_SETS:
+        firsts = {}
+        for p, y in sets[name].items: firsts.setdefault(y, p)
+        tiles = [Image.open(firsts[y]).convert('RGB').resize((size, size)) for y in sorted(firsts)[:n]]
+        rows.append(np.concatenate([np.asarray(t) for t in tiles], 1))
+    return Image.fromarray(np.concatenate(rows, 0))
+
+# %% ../nbs/11_probes.ipynb #0b960914
+PLANTED_LOSSES = ('l2', 'clip', 'mp', 'l2+clip', 'l2+mp')   # Popp Table 2's columns
+
+def planted_reliance(make_student: Callable[[], nn.Module], # a fresh pre-trained student (head = class anchors) per call
+                     teacher: nn.Module,                    # the frozen teacher the L2 terms follow
+                     sets: dict[str, DatasetInfo],          # from `planted_probe_sets`
+                     cfg,                                   # a `distill.DistillConfig`: the fine-tuning settings (the loss is set per row)
+                     losses: Sequence[str] = PLANTED_LOSSES, # one fine-tuned student per loss
+                     baselines: bool = True,                # also the teacher and the student before fine-tuning (the first two rows)
+                     batch_size: int = 64,                  # images per evaluation forward pass
+                     log: Callable = print,                 # progress lines (None: quiet)
+                    ) -> list[dict]:
+    "Top-1 on every planted set of the teacher, the student before fine-tuning, and one student fine-tuned per loss on `train+marks`."
+    from dataclasses import replace
+    from sidclip_guide.data import eval_transform
+    from sidclip_guide.distill import train, evaluate_top1
+    missing = [s for s in PLANTED_SETS if s not in sets]
+    if missing: raise SidclipError(f"planted_reliance needs the sets {list(PLANTED_SETS)}; missing {missing}: build them with planted_probe_sets.")
+    ev = {n: ImageListDataset(sets[n].items, eval_transform(cfg.image_size)) for n in PLANTED_SETS}
+    dev = get_device(cfg.device)
+    def row(name, model, **kw):
+        r = {'model': name, **{n: evaluate_top1(model, ev[n], batch_size, dev) for n in PLANTED_SETS}, **kw}
+        if log: log(f"planted: {name}: " + ', '.join(f"{n} {r[n]:.3f}" for n in PLANTED_SETS))
+        return r
+    rows = [row('teacher', teacher), row('pre-trained', make_student())] if baselines else []
+    train_ds = ImageListDataset(sets['train+marks'].items, cfg.transform())
+    for loss in losses:
+        res = train(make_student(), teacher, train_ds, replace(cfg, loss=loss, out_dir=None))
+        rows.append(row(loss, res.student, train_acc=res.history[-1].get('train_acc')))
+    return rows
+
 # %% ../nbs/11_probes.ipynb #19feb95d
 IMAGENET_C = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',   # Popp Table 4:
               'snow', 'frost', 'fog', 'brightness', 'contrast', 'elastic_transform', 'pixelate', 'jpeg_compression')   # all 15 at severity 3
@@ -350,6 +446,7 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
                   synthetic: list | None = None, # (path, label) synthetic images for the transfer probe
                   device: str | torch.device = 'cpu', # where to run
                   student: nn.Module | None = None, # a distilled student (`distill.load_student`) to probe beside the teacher
+                  test_sets: dict[str, list] | None = None, # named (path, label) test sets for the transfer probe: an independently sampled synthetic set, sketches (Popp Tables 3, 12)
                  ) -> dict:
     "Corruption robustness, synthetic↔real transfer and the shapes probe of a CLIP with a head fitted on the split's shots (and of a student)."
     from sidclip_guide.data import eval_transform
@@ -379,12 +476,15 @@ def probe_teacher(bundle,                     # a `models.ClipBundle`
         plot_robustness(pd.concat([rob.assign(model='teacher'), srob.assign(model='student')], ignore_index=True),
                         out / 'probe_robustness.png', title=f'{bundle.name} teacher vs student: top-1 under common corruptions')
     else: plot_robustness(rob, out / 'probe_robustness.png', title=f'{bundle.name}: top-1 under common corruptions')
-    if synthetic:
-        fit, held = synthetic_halves(synthetic)
-        t_syn = clip_teacher(bundle, split.class_names, fit, split.category, epochs=cfg.head_epochs).to(device)
-        tm = transfer_matrix({'real shots': teacher, 'synthetic': t_syn},
-                             {'real test': test_ds, 'synthetic (held-out)': ImageListDataset(held or fit, eval_transform(teacher.image_size))},
-                             cfg.batch_size, device)
+    if synthetic or test_sets:
+        evals = {'real test': test_ds, **{n: ImageListDataset(list(v), eval_transform(teacher.image_size)) for n, v in (test_sets or {}).items()}}
+        heads = {'real shots': teacher}
+        if synthetic:   # with independent test sets the head sees every synthetic image; without, one half is held out
+            fit, held = (list(synthetic), []) if test_sets else synthetic_halves(synthetic)
+            heads['synthetic'] = clip_teacher(bundle, split.class_names, fit, split.category, epochs=cfg.head_epochs).to(device)
+            if held: evals['synthetic (held-out)'] = ImageListDataset(held, eval_transform(teacher.image_size))
+        if student is not None: heads['distilled student'] = student
+        tm = transfer_matrix(heads, evals, cfg.batch_size, device)
         rows += [dict(probe='transfer', model=f'head on {tr}', setting=f'eval on {ev}', metric='top1', value=float(tm.loc[tr, ev]))
                  for tr in tm.index for ev in tm.columns]
         res['transfer'] = tm

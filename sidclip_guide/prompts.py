@@ -14,9 +14,10 @@ from .utils import SidclipError, stable_seed
 from .synthesize import PromptSpec
 
 # %% auto #0
-__all__ = ['BUILTIN_DIMENSIONS', 'DEFAULT_LLM', 'weighted_name', 'ContextDimension', 'PromptConfig', 'builtin_config',
-           'load_dimensions', 'llm_messages', 'parse_options', 'llm_options', 'covering_gaps', 'covering_array',
-           'build_prompts', 'text_prompts']
+__all__ = ['BUILTIN_DIMENSIONS', 'DEFAULT_LLM', 'BACKGROUND_COLOURS', 'weighted_name', 'ContextDimension', 'PromptConfig',
+           'builtin_config', 'load_dimensions', 'llm_messages', 'parse_options', 'llm_options', 'llm_class_options',
+           'class_options_file', 'read_class_options', 'covering_gaps', 'covering_array', 'clip_templates',
+           'build_prompts', 'text_prompts', 'with_class_backgrounds']
 
 # %% ../nbs/05_prompts.ipynb #8e40334d
 def weighted_name(name: str,     # a class name or prompt phrase
@@ -46,17 +47,19 @@ class PromptConfig:
     dimensions: list[ContextDimension] = field(default_factory=list)  # contextual dimensions combined by the covering array
     classname_weight: float = 1.5               # compel weight of the class name, e.g. 1.5 -> "(daisy)1.5"; 1.0 = unweighted
     template: str = 'a photo of a {classname}'  # base template; `{classname}` is replaced by the (weighted) class name
-    superclass: str = ''                        # if set, ", a type of {superclass}" follows the class name
+    superclass: str = ''                        # if set, ", which is a type of {superclass}" follows the class name (Popp's caption)
     superclass_weight: float = 1.0              # compel weight of the superclass (Popp Table 5: pets 1.2)
     negative_prompt: str = ''                   # negative prompt for every image (compel syntax allowed)
     strength: int = 2                           # covering strength t: every t-tuple of options of any t dimensions appears
     seed: int = 0                               # shuffles option order, so different seeds give different (still covering) arrays
+    clip_templates: bool = False                # start each prompt with a random one of CLIP's ImageNet templates instead of `template` (Popp A.6)
+    class_options: dict = field(default_factory=dict)  # per class {dimension: [options], 'superclass': [one]}, replacing the shared ones (`llm_class_options`)
 
     def to_dict(self) -> dict:
         "JSON-serialisable form (recorded next to generated data)."
         return {'dimensions': [vars(d).copy() for d in self.dimensions], 'classname_weight': self.classname_weight,
                 'template': self.template, 'superclass': self.superclass, 'superclass_weight': self.superclass_weight, 'negative_prompt': self.negative_prompt,
-                'strength': self.strength, 'seed': self.seed}
+                'strength': self.strength, 'seed': self.seed, 'clip_templates': self.clip_templates, 'class_options': self.class_options}
 
     @classmethod
     def from_dict(cls, d: dict) -> 'PromptConfig':
@@ -216,6 +219,57 @@ def llm_options(dimension: str,            # e.g. 'location'
     if not opts: raise SidclipError(f"The LLM gave no usable options for {dimension!r} of {category!r}: answer was {_answer_text(res)[:200]!r}.")
     return opts
 
+# %% ../nbs/05_prompts.ipynb #43b6f05a
+def llm_class_options(class_name: str,            # e.g. 'snowy owl'
+                      category: str,              # e.g. 'bird'
+                      dimensions: list[ContextDimension], # the dimensions to fill (their names are asked for)
+                      n: int = 15,                # options per dimension (Popp: 15; food 30)
+                      ask: Callable | None = None, # (dimension, subject, n) -> options; default: `llm_options` with `model_id`
+                      model_id: str = DEFAULT_LLM, # the chat model `ask` defaults to
+                     ) -> dict[str, list[str]]:
+    "Options of every dimension for one class, and its superclass (one answer), from a chat LLM."
+    ask = ask or (lambda dim, subject, k: llm_options(dim, subject, k, model_id=model_id))
+    out = {d.name: ask(d.name, f'{class_name} ({category})', n) for d in dimensions}
+    out['superclass'] = ask(f'superclass (one word: the kind of {category})', class_name, 1)[:1]
+    return out
+
+# %% ../nbs/05_prompts.ipynb #95ad9b18
+def class_options_file(path: str | Path,           # the JSON cache: read if there, written after each class
+                       class_names: list[str],     # the classes that need options
+                       category: str,              # e.g. 'bird'
+                       dimensions: list[ContextDimension], # the dimensions to fill
+                       n: int = 15,                # options per dimension
+                       ask: Callable | None = None, # as in `llm_class_options`
+                       model_id: str = DEFAULT_LLM, # the chat model
+                      ) -> dict[str, dict]:
+    "Per-class options from the JSON file at `path`, asking the LLM only for classes it lacks (each saved at once)."
+    from sidclip_guide.utils import atomic_write_json
+    path = Path(path)
+    data = read_class_options(path) if path.exists() else {}
+    for c in class_names:
+        if c in data: continue
+        data[c] = llm_class_options(c, category, dimensions, n, ask, model_id)
+        atomic_write_json(path, data)
+    return {c: data[c] for c in class_names}
+
+def read_class_options(path: str | Path,               # a JSON file {class: {dimension: [options], 'superclass': [one]}}
+                       class_names: list[str] | None = None, # if given, every one must be in the file
+                      ) -> dict[str, dict]:
+    "Per-class options from a JSON file (e.g. one `class_options_file` wrote, then edited), checked."
+    import difflib
+    p = Path(path)
+    if not p.exists(): raise SidclipError(f"Class options file {p} does not exist: write one with `sidclip synth --options llm`, or use --options builtin.")
+    try: data = json.loads(p.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e: raise SidclipError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}): fix the file.") from None
+    for c, dims in data.items():
+        if not isinstance(dims, dict) or not all(isinstance(v, list) and v and all(isinstance(o, str) and o.strip() for o in v) for v in dims.values()):
+            raise SidclipError(f"{p}: class {c!r} needs {{dimension: [non-empty option strings]}}, got {dims!r}.")
+    for c in class_names or []:
+        if c not in data:
+            close = difflib.get_close_matches(c, list(data), 1)
+            raise SidclipError(f"{p} has no options for class {c!r}" + (f" (did you mean {close[0]!r}?)" if close else '') + ": add it, or delete the file to ask the LLM again.")
+    return data
+
 # %% ../nbs/05_prompts.ipynb #1084129c
 def covering_gaps(rows: list[dict],              # rows of a candidate array, {dimension: option}
                   dims: dict[str, list[str]],     # the dimensions and their options
@@ -252,18 +306,35 @@ def covering_array(dims: dict[str, list[str]], # {dimension: [options]}; order o
                 row = {n: shuffled[n][0] for n in names}; row.update(dict(tup)); rows.append(row)
     return rows
 
+# %% ../nbs/05_prompts.ipynb #674b16f4
+def clip_templates() -> tuple[str, ...]:
+    "CLIP's ImageNet prompt templates (Radford et al.), from open_clip, with '{c}' for the class name."
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    return tuple(t('{c}') for t in OPENAI_IMAGENET_TEMPLATES)
+
 # %% ../nbs/05_prompts.ipynb #ddd8717e
+def _template_head(cfg: PromptConfig, class_name: str, row: int) -> str:
+    "The opening of prompt `row`: `cfg.template`, or one of CLIP's ImageNet templates drawn per (seed, class, row)."
+    name = weighted_name(class_name, cfg.classname_weight)
+    if not cfg.clip_templates: return cfg.template.format(classname=name)
+    ts = clip_templates()
+    t = ts[random.Random(stable_seed(cfg.seed, 'clip-template', class_name, row)).randrange(len(ts))]
+    return t.format(c=name).rstrip('.')
+
 def build_prompts(class_name: str,          # class to build prompts for
                   cfg: PromptConfig | None = None, # dimensions and weights; None = zero-shot text-only ('a photo of a {c}')
                  ) -> list[PromptSpec]:
-    "One compel-weighted prompt per covering-array row, for one class."
+    "One compel-weighted prompt per covering-array row, for one class (its own options and superclass where `class_options` has them)."
     if cfg is None: return text_prompts(class_name)
-    head = cfg.template.format(classname=weighted_name(class_name, cfg.classname_weight))
-    if cfg.superclass: head += f', a type of {weighted_name(cfg.superclass, cfg.superclass_weight)}'
-    dims = {d.name: d.options for d in cfg.dimensions}
+    own = cfg.class_options.get(class_name, {})
+    superclass = (own.get('superclass') or [cfg.superclass])[0]
+    tail = f', which is a type of {weighted_name(superclass, cfg.superclass_weight)}' if superclass else ''
+    dims = {d.name: list(own.get(d.name) or d.options) for d in cfg.dimensions}
     if len(dims) != len(cfg.dimensions): raise SidclipError(f"Two prompt dimensions share a name in {[d.name for d in cfg.dimensions]}: rename one.")
-    rows = covering_array(dims, cfg.strength, stable_seed(cfg.seed, class_name))
-    return [PromptSpec(class_name, ', '.join([head] + [d.render(r[d.name]) for d in cfg.dimensions]), cfg.negative_prompt) for r in rows]
+    fixed = {n: o[0] for n, o in dims.items() if len(o) == 1}   # a one-option dimension adds no pairs: it joins every row as it is
+    rows = covering_array({n: o for n, o in dims.items() if n not in fixed}, cfg.strength, stable_seed(cfg.seed, class_name)) if len(fixed) < len(dims) else [{}]
+    return [PromptSpec(class_name, ', '.join([_template_head(cfg, class_name, j) + tail] + [d.render({**r, **fixed}[d.name]) for d in cfg.dimensions]), cfg.negative_prompt)
+            for j, r in enumerate(rows)]
 
 def text_prompts(class_name: str, # class name
                  templates: list[str] = ('a photo of a {c}',), # zero-shot text-only templates, `{c}` = class name
@@ -271,3 +342,20 @@ def text_prompts(class_name: str, # class name
                 ) -> list[PromptSpec]:
     "The zero-shot text-only mode: one plain prompt per template."
     return [PromptSpec(class_name, t.format(c=class_name), negative_prompt) for t in templates]
+
+# %% ../nbs/05_prompts.ipynb #a382fc55
+BACKGROUND_COLOURS = ('red', 'blue', 'green', 'yellow', 'orange', 'purple', 'pink', 'cyan', 'magenta', 'brown', 'black', 'white',
+                      'grey', 'teal', 'navy blue', 'maroon', 'olive green', 'lime green', 'turquoise', 'violet', 'gold', 'silver',
+                      'beige', 'coral', 'salmon', 'lavender', 'indigo', 'crimson', 'khaki', 'mint green', 'sky blue', 'chocolate brown',
+                      'tan', 'plum', 'orchid', 'emerald green', 'ruby red', 'amber', 'ivory', 'charcoal')   # one per class, in label order
+
+def with_class_backgrounds(cfg: PromptConfig,    # the prompt settings to extend
+                           class_names: list[str], # the classes, in label order (class i gets BACKGROUND_COLOURS[i])
+                           weight: float = 1.2,  # compel weight of the background phrase (the library's choice: the paper gives none)
+                          ) -> PromptConfig:
+    "A copy of `cfg` whose prompts put every class against a solid background of its own colour (Popp Table 2's synthetic spurious set)."
+    if len(class_names) > len(BACKGROUND_COLOURS):
+        raise SidclipError(f"with_class_backgrounds: {len(class_names)} classes but {len(BACKGROUND_COLOURS)} distinct colours; probe at most that many classes.")
+    own = {c: {**cfg.class_options.get(c, {}), 'background': [f'a plain {col} background']} for c, col in zip(class_names, BACKGROUND_COLOURS)}
+    dims = [d for d in cfg.dimensions if d.name != 'background'] + [ContextDimension('background', ['a plain background'], 'against {}', weight)]
+    return replace(cfg, dimensions=dims, class_options={**cfg.class_options, **own})

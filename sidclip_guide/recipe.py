@@ -241,7 +241,7 @@ def synth_stage(run: Run) -> dict:
     s = run.cfg.synth
     if not run.uses_synthetic: return dict(images=0, note='no synthetic images (synth.n_per_class 0 or distill.use_synthetic off)')
     if s.mode == 'mix' and run.cfg.data.k == 0: s = replace(s, mode='text')   # 0 shots: the class name alone (SIDCLIP's zero-shot row)
-    reqs = plan_items(run.split, s.mode, s.n_per_class, run.cfg.seed, prompt_config(s, run.cfg.seed) if s.mode == 'prompt' else None,
+    reqs = plan_items(run.split, s.mode, s.n_per_class, run.cfg.seed, prompt_config(s, run.cfg.seed, list(run.split.class_names), run.split.category, run.shared('synth')) if s.mode == 'prompt' else None,
                       shots_k=run.cfg.data.k)
     st = run_generation(synth_generator(s, run.device, run.cfg.seed), reqs, run.shared('synth'), batch_size=s.batch_size,
                         class_names=list(run.split.class_names), ext=s.ext, max_attempts=s.max_attempts, progress=run.progress)
@@ -365,7 +365,7 @@ def plan_run(cfg: RunConfig, out: str | Path) -> dict:
     run = Run(cfg, out); cfg, s, d = run.cfg, run.cfg.synth, run.cfg.distill
     n_cls = _n_classes(run)
     per_class = 0 if not run.uses_synthetic else (s.n_per_class if s.n_per_class is not None else
-                                                  N_PER_CLASS if s.mode != 'prompt' else len(build_prompts('x', prompt_config(s, cfg.seed))))   # one per covering row
+                                                  N_PER_CLASS if s.mode != 'prompt' else len(build_prompts('x', prompt_config(replace(s, options='builtin'), cfg.seed))))   # one per covering row (per-class options: as many)
     have = len(read_manifest(run.shared('synth'))) if run.shared('synth', 'manifest.jsonl').exists() else 0
     images = None if n_cls is None else n_cls * per_class
     todo = None if images is None else max(images - have, 0)

@@ -99,6 +99,7 @@ class Student(nn.Module):
         if head_weights is not None: self.set_head(head_weights)
         self.head_source = 'given' if head_weights is not None else 'random'   # build_student marks text-initialised heads 'text'
         self.text_tower, self.tokenizer = text_tower, tokenizer
+        self.contrastive_tau = None   # a `losses.LearnableTemperature`, added by `distill.train` for Popp's image contrastive loss
 
     @torch.no_grad()
     def set_head(self, weights: torch.Tensor):
@@ -125,7 +126,9 @@ class Student(nn.Module):
         if self.head is not None:
             if self.cosine_head: logits = self.logit_scale * self.head(proj if self.head_input == 'proj' else embeds)
             else: logits = self.head(p if self.head_input == 'proj' else f)
-        return {'logits': logits, 'embeds': embeds, 'proj': proj}
+        out = {'logits': logits, 'embeds': embeds, 'proj': proj}
+        if self.contrastive_tau is not None: out['contrastive_scale'] = self.contrastive_tau()   # in the forward graph, so DDP syncs τ
+        return out
 
     @property
     def image_size(self) -> int: return self.image_encoder.image_size

@@ -125,10 +125,11 @@ def test_cli(toy, capsys):
 def test_two_processes(toy):
     """torchrun with 2 CPU processes (gloo): DDP training works, shards the data and writes one checkpoint per epoch.
     The same two processes run KD (SIDCLIP), then L2+CLIP (Popp: the teacher's texts classify the projection, DDP with
-    find_unused_parameters); `train` compares the processes' weight checksums every epoch, so a gradient that DDP did
+    find_unused_parameters; the captions gathered from both processes), then the image contrastive loss (its learnable τ
+    in the student's forward pass, so DDP averages its gradient); `train` compares the processes' weight checksums every epoch, so a gradient that DDP did
     not average fails here."""
     tmp, split, bundle = toy
-    runs = {'kd': (tmp / 'mp-kd', 2), 'l2+clip': (tmp / 'mp-l2clip', 1)}
+    runs = {'kd': (tmp / 'mp-kd', 2), 'l2+clip': (tmp / 'mp-l2clip', 1), 'contrastive': (tmp / 'mp-contrastive', 1)}
     script = tmp / 'two_runs.py'
     args = {loss: ['--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', str(ep), '--loss', loss, '--quiet']
             for loss, (out, ep) in runs.items()}
@@ -138,6 +139,7 @@ sys.argv = ['sidclip', 'distill', *{args['kd']!r}]
 try: runpy.run_module('sidclip_guide', run_name='__main__')    # `python -m sidclip_guide distill ...`
 except SystemExit as e: assert e.code == 0, e.code
 assert main(['distill', *{args['l2+clip']!r}]) == 0
+assert main(['distill', *{args['contrastive']!r}]) == 0
 """)
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(29500 + os.getpid() % 1000),
@@ -149,8 +151,8 @@ assert main(['distill', *{args['l2+clip']!r}]) == 0
         assert rows[0]['samples'] >= 12                                  # both shards counted (padded to even batches)
         assert read_checkpoint_manifest(out / 'checkpoints')['latest']['epoch'] == epochs
     assert {'l2', 'aux'} <= set(read_metrics(runs['l2+clip'][0] / 'metrics.jsonl')[0])
-    assert r.stdout.count('distill:') == 2                                 # only the main process reports, once per run
-    assert r.stdout.count('train: 2 process(es) on cpu') == 2              # the world size is said at the start of each run
+    assert r.stdout.count('distill:') == 3                                 # only the main process reports, once per run
+    assert r.stdout.count('train: 2 process(es) on cpu') == 3              # the world size is said at the start of each run
 
 
 @pytest.mark.skipif(not CIFAR.is_dir(), reason='needs ../shared/data/cifar10-photos')
@@ -275,12 +277,16 @@ def test_resume_skips_a_truncated_checkpoint_and_manifest(toy, capsys):
     with pytest.raises(SidclipError, match='student.safetensors is unreadable'): load_student(out)
 
 
-@pytest.mark.parametrize('loss', ['clip', 'mp'])
+@pytest.mark.parametrize('loss', ['clip', 'mp', 'contrastive'])
 def test_contrastive_losses_train_alone(toy, loss):
-    "Popp's CLIP and multi-positive losses on their own (no L2, no teacher forward): one tiny epoch from the CLI, the term logged by name."
+    "Popp's CLIP, multi-positive and image contrastive losses on their own (no L2; the first two without a teacher forward): one tiny epoch from the CLI, the term logged by name."
     from sidclip_guide.cli import main
     tmp, split, bundle = toy
     out = tmp / f'alone-{loss}'
     assert main(['distill', '--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', '1', '--loss', loss, '--quiet']) == 0
     row = read_metrics(out / 'metrics.jsonl')[0]
     assert loss in row and 'l2' not in row and row['loss'] == pytest.approx(row[loss])
+    if loss == 'contrastive':    # the learnable τ is logged, saved with the student and comes back with it
+        assert 0 < row['tau'] < 1
+        from sidclip_guide.distill import load_student
+        assert load_student(out).contrastive_tau is not None

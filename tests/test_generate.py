@@ -169,6 +169,30 @@ def test_cli_synth_tiny_sdxl(tmp_path, capsys):
     with Image.open(out/rows[0]['file']) as im: assert im.size == (32, 32)
 
 
+def test_cli_synth_per_class_options(tmp_path, capsys):
+    """`sidclip synth --options llm --llm MODEL`: offline without the model, one clear line; with the cache (options.json, the
+    file the LLM run writes) already in --out, or passed back edited with --options FILE, the prompts use each class's own
+    options and superclass and no model is loaded. `--template` gives Popp's sketch test set, `--clip-templates` A.6's openings."""
+    from sidclip_guide.cli import main
+    out = tmp_path/'llm'
+    assert main(synth_cmd(out, n=2, mode='prompt', extra=['--options', 'llm', '--llm', 'sidclip-test/no-such-llm'])[3:]) == 2
+    assert "Could not load the LLM 'sidclip-test/no-such-llm'" in capsys.readouterr().err
+    dims = ['color', 'locations', 'daytime', 'camera angle']
+    opts = {c: {**{d: [f'{d} for {c} {i}' for i in range(3)] for d in dims}, 'superclass': [f'super-{c.split()[0]}']} for c in CLASSES}
+    out.mkdir(exist_ok=True); (out/'options.json').write_text(json.dumps(opts))
+    assert main(synth_cmd(out, n=2, mode='prompt', extra=['--options', 'llm', '--llm', 'sidclip-test/no-such-llm'])[3:]) == 0
+    rows = read_manifest(out)
+    assert all(f"which is a type of super-{r['class_name'].split()[0]}" in r['prompt'] and f"for {r['class_name']} " in r['prompt'] for r in rows)
+    edited = tmp_path/'mine.json'; edited.write_text(json.dumps({**opts, 'daisy': {**opts['daisy'], 'superclass': ['wildflower']}}))
+    out2 = tmp_path/'edited'
+    assert main(synth_cmd(out2, n=2, mode='prompt', extra=['--options', str(edited), '--template', 'a sketch of a {classname}'])[3:]) == 0
+    rows = [r for r in read_manifest(out2) if r['class_name'] == 'daisy']
+    assert rows and all(r['prompt'].startswith('a sketch of a (daisy)1.2, which is a type of wildflower') for r in rows)
+    del opts['sun flower']; edited.write_text(json.dumps(opts))
+    assert main(synth_cmd(tmp_path/'x', n=2, mode='prompt', extra=['--options', str(edited)])[3:]) == 2
+    assert "no options for class 'sun flower'" in capsys.readouterr().err
+
+
 def test_real_shots_mix(tmp_path):
     "Mix mode from real CIFAR-10 shots with the tiny Kandinsky generator, read back as a dataset."
     data = SHARED/'data'/'cifar10-photos'

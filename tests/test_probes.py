@@ -189,6 +189,12 @@ def test_cli_tiny_run(toy, capsys):
     assert set(df.probe) == {'corruption', 'shapes', 'transfer'}
     assert set(df[df.probe == 'corruption'].setting) >= {'clean', 'gaussian_noise@1', 'contrast@5', 'summary'}
     assert len(df[df.probe == 'transfer']) == 4 and df.value[df.metric == 'top1'].between(0, 1).all()
+    # an independent synthetic test set (Popp Table 3; a sketch set is the same flag): the synthetic head then fits on every synthetic image
+    args = _parse(['--split', str(tmp / 'split.json'), '--model', TINY_CLIP, '--out', str(tmp / 'probe2'), '--manifest', str(tmp / 'syn'),
+                   '--test-set', f"synthetic (independent)={tmp / 'syn'}", '--corruptions', 'contrast', '--head-epochs', '5'])
+    assert args.func(args) == 0
+    df = pd.read_csv(tmp / 'probe2' / 'results.csv'); tr = df[df.probe == 'transfer']
+    assert set(tr.setting) == {'eval on real test', 'eval on synthetic (independent)'} and set(tr.model) == {'head on real shots', 'head on synthetic'}
 
 
 def test_cli_bad_input(toy, capsys):
@@ -197,7 +203,7 @@ def test_cli_bad_input(toy, capsys):
     base = ['--split', str(tmp / 'split.json'), '--model', TINY_CLIP, '--out', str(tmp / 'bad')]
     for extra, msg in [(['--corruptions', 'fogg'], 'Unknown corruption'), (['--severities', '0'], '1, 2, 3, 4 or 5'),
                        (['--model', 'ViT-Nope-14'], 'Unknown CLIP model'),
-                       (['--manifest', str(tmp / 'none.jsonl')], 'does not exist')]:
+                       (['--manifest', str(tmp / 'none.jsonl')], 'does not exist'), (['--test-set', str(tmp / 'syn')], 'takes NAME=MANIFEST')]:
         args = _parse(base + extra)
         with pytest.raises(SidclipError, match=msg): args.func(args)
     args = _parse(['--split', str(tmp / 'missing.json'), '--model', TINY_CLIP, '--out', str(tmp / 'bad')])

@@ -1,5 +1,5 @@
 """The repository is consistent: library exported from the notebooks, notebooks clean, README generated."""
-import shutil, subprocess, sys, filecmp
+import json, re, shutil, subprocess, sys, filecmp
 from pathlib import Path
 import pytest
 
@@ -97,3 +97,21 @@ def test_every_import_is_declared():
                 if top in sys.stdlib_module_names or top in ('sidclip_guide', '__future__'): continue
                 if not dists.get(top, set()) & declared: undeclared.setdefault(top, []).append(py.name)
     assert not undeclared, f"imported but not in settings.ini's requirements: {undeclared}"
+
+
+def test_readme_links_to_the_docs_point_at_real_sections():
+    """Every README link into the docs site names a notebook's page and one of its headings (Quarto's anchor rule:
+    lower case, punctuation but `_-.` dropped, spaces to hyphens), so a renamed section breaks CI, not a reader's click."""
+    import configparser
+    cfg = configparser.ConfigParser(); cfg.read(ROOT/'settings.ini')
+    base = cfg['DEFAULT']['doc_host'] + cfg['DEFAULT']['doc_baseurl']
+    links = re.findall(re.escape(base) + r'/([\w-]+)\.html#([^)\s]+)', (ROOT/'README.md').read_text(encoding='utf-8'))
+    assert len(links) >= 10
+    pages = {}
+    for nb in (ROOT/'nbs').glob('[0-9][0-9]_*.ipynb'):
+        heads = [l for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'markdown'
+                 for l in ''.join(c['source']).splitlines() if re.match(r'#{2,4} ', l)]
+        pages[nb.stem.split('_', 1)[1]] = {re.sub(r'\s+', '-', re.sub(r'[^\w\s.-]', '', h.lstrip('#').strip().lower())) for h in heads}
+    for page, anchor in links:
+        assert page in pages, f'README links to {page}.html, which no notebook makes'
+        assert anchor in pages[page], f'README links to {page}.html#{anchor}, a heading that does not exist'

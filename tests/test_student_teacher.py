@@ -74,8 +74,9 @@ def test_l2_and_contrastive_hand():
     L = 10 * e @ tx.t(); tg = torch.arange(5)
     assert torch.allclose(clip_loss(e, tx, 10.)['loss'], (F.cross_entropy(L, tg) + F.cross_entropy(L.t(), tg)) / 2, atol=1e-5)
     lt = LearnableTemperature(0.1)
-    assert torch.allclose(contrastive_image_loss(e, tx, lt)['loss'], clip_loss(e, tx, 10.)['loss'], atol=1e-5)
+    assert torch.allclose(contrastive_image_loss(e, tx, lt)['loss'], F.cross_entropy(L, tg, reduction='sum'), atol=1e-4)   # Popp eq. 1: one direction, summed
     mp = multi_positive_loss(e, tx[:3], torch.tensor([0, 0, 1, 2, 2]), 10.)
+    assert torch.allclose(mp['loss'], F.cross_entropy(10 * e @ tx[:3].t(), torch.tensor([0, 0, 1, 2, 2])), atol=1e-5)   # image -> all class anchors
     w = weighted_sum({'l2': l2_feature_loss(e, tx), 'mp': mp}, {'l2': 1.0, 'mp': 0.1})
     assert torch.allclose(w['loss'], l2_feature_loss(e, tx)['loss'] + 0.1 * mp['loss'])
 
