@@ -21,7 +21,7 @@ from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
 
 # %% auto #0
-__all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES',
+__all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES',
            'DistillConfig', 'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler',
            'SeededAugment', 'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state',
            'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint',
@@ -32,7 +32,11 @@ __all__ = ['LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_F
            'feature_teacher', 'build_teacher', 'save_student', 'load_student', 'pretrained_student', 'recipe_changes']
 
 # %% ../nbs/10_distill.ipynb #152dd670
-LOSS_NAMES = ('kd', 'l2', 'ce', 'l2+clip', 'l2+mp', 'clip', 'mp', 'contrastive', 'l2+contrastive')   # the keys of the `LOSSES` registry (below)
+LOSS_READS = {   # what each loss of the `LOSSES` registry (below) reads: the teacher's outputs, labels, the student's projection in the teacher's space
+    'kd': ('teacher', 'labels'), 'l2': ('teacher', 'projection'), 'ce': ('labels',), 'l2+clip': ('teacher', 'labels', 'projection'),
+    'l2+mp': ('teacher', 'labels', 'projection'), 'clip': ('labels', 'projection'), 'mp': ('labels', 'projection'),
+    'contrastive': ('teacher', 'projection'), 'l2+contrastive': ('teacher', 'projection')}
+LOSS_NAMES = tuple(LOSS_READS)   # the keys of the `LOSSES` registry
 _NO_EFFECT = ('device', 'progress', 'num_workers', 'out_dir', 'eval_every', 'save_every', 'keep')  # fields a resume may change
 
 TINY = dict(epochs=2, min_steps=0, batch_size=8, image_size=32)   # what `--tiny` changes in any recipe: tiny offline models, a smoke run
@@ -112,11 +116,11 @@ class DistillConfig:
         return self
 
     @property
-    def needs_teacher(self) -> bool: return self.loss not in ('ce', 'clip', 'mp')   # the contrastive image loss reads the teacher's embeddings too
+    def needs_teacher(self) -> bool: return 'teacher' in LOSS_READS[self.loss]
     @property
-    def needs_labels(self) -> bool: return self.loss in ('ce', 'l2+clip', 'l2+mp', 'clip', 'mp') or (self.loss == 'kd' and self.alpha < 1)
+    def needs_labels(self) -> bool: return 'labels' in LOSS_READS[self.loss] and not (self.loss == 'kd' and self.alpha == 1)   # KD at α = 1 is the teacher term alone
     @property
-    def feature_loss(self) -> bool: return self.loss not in ('kd', 'ce')   # the student's projection is trained in the teacher's embedding space
+    def feature_loss(self) -> bool: return 'projection' in LOSS_READS[self.loss]   # the student's projection is trained in the teacher's embedding space
 
 # %% ../nbs/10_distill.ipynb #d4e016c9
 def synthetic_items(manifest: str | Path,  # manifest.jsonl (or its folder) of generated images

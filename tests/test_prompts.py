@@ -79,4 +79,4 @@ def test_llm_offline_fails_fast(monkeypatch, var):
     t0 = time.time()
     with pytest.raises(SidclipError, match="Could not load the LLM 'sidclip-test/no-such-llm'"):
         llm_options('location', 'flower', model_id='sidclip-test/no-such-llm')
-    assert time.time() - t0 < 10
+    assert time.time() - t0 < 30   # at once, not after a minute of hub retries (generous: CI machines are busy)
