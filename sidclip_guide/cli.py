@@ -271,6 +271,7 @@ def distill_args(p: argparse.ArgumentParser, argv: typing.Sequence[str] = ()):
     p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
     p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
+    p.add_argument('--init-head', default=None, choices=['text', 'text-category', 'popp', 'random'], help="the caption whose text embedding sets each class's head row (the CLIP / multi-positive anchors): text ('A photo of {c}.', SIDCLIP), text-category, popp ('a photo of a {c}, which is a type of {category}.'), random (default: popp with --recipe popp, else text)")
     p.add_argument('--init-from', default=None, help='a `sidclip pretrain` folder: start from its feature-distilled student, head from the teacher\'s ("+I")')
     p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
@@ -305,7 +306,7 @@ def _distill_cmd(args: argparse.Namespace) -> int:
     "Run `sidclip distill`: teacher head, student, training (resumed when --out holds the run); the student and its split saved."
     from accelerate import PartialState
     from sidclip_guide.models import TINY_CLIP
-    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG
+    from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG, STUDENT_CLIP, StudentConfig
     from sidclip_guide.data import load_split, save_split, make_toy_dataset, make_fewshot_split, eval_transform, ImageListDataset
     from sidclip_guide.distill import (TeacherConfig, build_teacher, make_student, build_distill_dataset, train, save_student,
                                        plot_metrics, read_metrics)
@@ -316,9 +317,11 @@ def _distill_cmd(args: argparse.Namespace) -> int:
     k = split.k if args.k is None else args.k
     tcfg = config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.')
     tbundle, teacher = build_teacher(tcfg, split, k, cfg.device, cfg.seed)
-    student = make_student(split.class_names, cfg, TINY_STUDENT if args.tiny else args.student, args.student_pretrained,
-                           TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
-                           teacher.embed_dim, split.category, text_bundle=tbundle, init_from=args.init_from, teacher=teacher)
+    scfg = StudentConfig((TINY_STUDENT if args.tiny else args.student) or STUDENT_CLIP, args.student_pretrained,
+                         TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
+                         init_head=args.init_head or ('popp' if args.recipe == 'popp' else 'text'))
+    student = make_student(split.class_names, cfg, teacher_dim=teacher.embed_dim, category=split.category, text_bundle=tbundle, config=scfg,
+                           init_from=args.init_from, teacher=teacher)
     ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class)
     test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
     res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',

@@ -97,7 +97,8 @@ PRESETS = {   # name -> partial RunConfig (as a dict); compose with `preset_conf
     'cars': _dataset('cars', 'car', 'cars'),
     'imagefolder': _dataset('imagefolder', None, 'generic'),
     'popp': {'synth': {'generator': 'sdxl-lcm', 'mode': 'prompt', 'n_per_class': None},          # Popp et al.: SDXL + LCM-LoRA, covering-array prompts
-             'distill': dataclasses.asdict(DistillConfig.popp())},                                 # L2 feature distillation, their optimiser
+             'distill': dataclasses.asdict(DistillConfig.popp()),                                  # L2 feature distillation, their optimiser
+             'student': {'init_head': 'popp'}},                                                    # the anchors: "a photo of a {c}, which is a type of {category}."
     'mobileclip2-s0': {'student': {'clip_name': 'MobileCLIP2-S0', 'pretrained': 'dfndr2b'},    # "+I" from a public small CLIP (11 M image tower;
                        'distill': {'image_size': 256}},                                         # SIDCLIP's DataComp ENB0 CLIP is not public)
     'mobileclip-s1': {'student': {'clip_name': 'MobileCLIP-S1', 'pretrained': 'datacompdr'}, 'distill': {'image_size': 256}},  # 21 M image tower

@@ -50,6 +50,7 @@ register_clip_config(TINY_STUDENT, TINY_STUDENT_CFG)
 HEAD_TEMPLATES = {
     'text': 'A photo of {c}.',                                # SIDCLIP's default class prompt
     'text-category': 'A photo of {c}, a photo of {category}.', # with the dataset's category word ("flower", "pet", ...)
+    'popp': 'a photo of a {c}, which is a type of {category}.', # Popp et al.'s zero-shot caption (§3.4): the CLIP / multi-positive anchors
 }
 
 @dataclass
@@ -58,7 +59,7 @@ class StudentConfig:
     clip_name: str = STUDENT_CLIP     # open_clip config name with a timm image tower (TINY_STUDENT for tests)
     pretrained: str | None = None     # open_clip tag or checkpoint path of a pretrained small CLIP; None = random init
     timm_name: str = 'efficientnet_b0' # timm model of the standalone ablation student (`timm_student`)
-    init_head: str = 'text'           # 'text' ("A photo of {c}."), 'text-category' (adds the category) or 'random'
+    init_head: str = 'text'           # 'text' ("A photo of {c}.", SIDCLIP), 'text-category' (adds the category), 'popp' ("a photo of a {c}, which is a type of {category}.") or 'random'
     proj_dim: int | None = None       # teacher embedding size: adds a projection for feature distillation (Popp et al.)
     freeze_text: bool = True          # keep the text tower frozen (only matters with keep_text)
     keep_text: bool = False           # keep the text tower inside the student (for losses on student text embeddings)

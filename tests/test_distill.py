@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is much faster than two contending
 
@@ -286,6 +287,15 @@ def test_contrastive_losses_train_alone(toy, loss):
     assert main(['distill', '--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', '1', '--loss', loss, '--quiet']) == 0
     row = read_metrics(out / 'metrics.jsonl')[0]
     assert loss in row and 'l2' not in row and row['loss'] == pytest.approx(row[loss])
+    if loss == 'mp':             # with --recipe popp the anchors are the teacher's text embeddings of Popp's caption, and they stay fixed
+        out = tmp / 'alone-mp-popp'
+        assert main(['distill', '--tiny', '--split', str(tmp / 'split.json'), '--out', str(out), '--epochs', '1', '--loss', 'mp', '--recipe', 'popp', '--quiet']) == 0
+        from sidclip_guide.distill import load_student
+        from sidclip_guide.student import head_prompts
+        torch.manual_seed(0); tb = load_clip(TINY_CLIP)          # the run's tiny teacher: build_teacher seeds its random weights with the run's seed
+        want = F.normalize(encode_texts(tb, head_prompts(split.class_names, 'popp', split.category)), dim=-1)
+        assert torch.allclose(F.normalize(load_student(out).head.weight, dim=-1), want, atol=1e-4)
+        assert head_prompts(['x'], 'popp', 'bird') == ['a photo of a x, which is a type of bird.']
     if loss == 'contrastive':    # the learnable τ is logged, saved with the student and comes back with it
         assert 0 < row['tau'] < 1
         from sidclip_guide.distill import load_student
