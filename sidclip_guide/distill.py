@@ -35,7 +35,7 @@ __all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LO
 LOSS_READS = {   # what each loss of the `LOSSES` registry (below) reads: the teacher's outputs, labels, the student's projection in the teacher's space
     'kd': ('teacher', 'labels'), 'l2': ('teacher', 'projection'), 'ce': ('labels',), 'l2+clip': ('teacher', 'labels', 'projection'),
     'l2+mp': ('teacher', 'labels', 'projection'), 'clip': ('labels', 'projection'), 'mp': ('labels', 'projection'),
-    'contrastive': ('teacher', 'projection'), 'l2+contrastive': ('teacher', 'projection')}
+    'contrastive': ('teacher', 'projection', 'temperature'), 'l2+contrastive': ('teacher', 'projection', 'temperature')}   # temperature: a learnable τ on the student
 LOSS_NAMES = tuple(LOSS_READS)   # the keys of the `LOSSES` registry
 _NO_EFFECT = ('device', 'progress', 'num_workers', 'out_dir', 'eval_every', 'save_every', 'keep')  # fields a resume may change
 
@@ -245,17 +245,13 @@ def _l2_aux(aux: str, with_l2: bool = True):
         key = 'proj' if getattr(student, 'head_input', 'embeds') == 'proj' else 'embeds'              # the vector the head classifies
         emb = F.normalize(s_out[key][m].float(), dim=-1)
         if aux == 'clip':                                            # the batch's captions are the negatives: gather them from every process
-            if not m.all() and _world_size() > 1: raise SidclipError(f"loss={cfg.loss!r} under DDP needs a label on every image (unlabelled items found).")
+            if not m.all() and L.world_size() > 1: raise SidclipError(f"loss={cfg.loss!r} under DDP needs a label on every image (unlabelled items found).")
             term = L.clip_loss(*L.gather_batch(emb, text[labels[m]]), scale)
         else: term = L.multi_positive_loss(emb, text, labels[m], scale)   # negatives are all class anchors: nothing to gather
         if not with_l2: return {'loss': term['loss'], aux: term['loss']}
         out = L.weighted_sum({'l2': L.l2_feature_loss(*_feature_pair(s_out, t_out)), 'aux': term}, {'l2': 1.0, 'aux': cfg.aux_weight})
         return {'loss': out['loss'], 'l2': out['l2'], 'aux': out['aux']}
     return loss
-
-def _world_size() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 def _contrastive(with_l2: bool):
     "Popp's image contrastive loss (appendix A.5) with the student's learnable τ; plus L2 when `with_l2`."
@@ -680,7 +676,7 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     head_init = cfg.head_init if cfg.head_init != 'auto' else ('probe' if cfg.loss in ('kd', 'ce') and getattr(student, 'head_source', 'text') != 'text' else 'keep')
     probe = probe_head(student, _probe_set(train_ds, cfg.image_size), cfg.seed, device=dev) if head_init == 'probe' and ckpt_path is None else None
     # -- optimizer and schedule, counted from the batches this loader really yields
-    if cfg.loss in ('contrastive', 'l2+contrastive') and getattr(student, 'contrastive_tau', None) is None:
+    if 'temperature' in LOSS_READS[cfg.loss] and getattr(student, 'contrastive_tau', None) is None:
         from sidclip_guide.losses import LearnableTemperature
         student.contrastive_tau = LearnableTemperature().to(dev)   # Popp's learnable τ: a parameter of the run, checkpointed with the student
     opt = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -753,7 +749,8 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
 # %% ../nbs/10_distill.ipynb #59648dc0
 def _feature_cfg(cfg: DistillConfig | None, what: str, **default) -> DistillConfig:
     cfg = cfg or DistillConfig.popp(**default)
-    if not cfg.feature_loss: raise SidclipError(f"{what} is feature distillation: use loss='l2' (or 'l2+clip', 'l2+mp', 'clip', 'mp'), not {cfg.loss!r}.")
+    if not cfg.feature_loss:
+        raise SidclipError(f"{what} is feature distillation: use loss='l2' (or another loss that trains the projection: {[n for n, r in LOSS_READS.items() if 'projection' in r and n != 'l2']}), not {cfg.loss!r}.")
     return cfg
 
 def pretrain_feature_distill(student: nn.Module,        # student with `proj` to the teacher's embedding size

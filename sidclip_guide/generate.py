@@ -446,7 +446,7 @@ def prompt_config(cfg: SynthConfig,  # uses dataset_dims, classname_weight, opti
 
 def _class_options(cfg, pc, class_names, category, out, ask) -> dict:
     "Per-class options: asked from the LLM (cached in out/options.json) or read from the file `cfg.options` names."
-    n = max(len(x.options) for x in pc.dimensions) if pc.dimensions else 0   # as many per class as the set has (Popp: 15, food 30)
     if cfg.options != 'llm': return read_class_options(cfg.options, list(class_names))
     if out is None: raise SidclipError("options='llm' needs a folder for its cache (out/options.json): pass out.")
+    n = max(len(x.options) for x in pc.dimensions) if pc.dimensions else 0   # as many per class as the set has (Popp: 15, food 30)
     return class_options_file(Path(out)/'options.json', list(class_names), category, pc.dimensions, n, ask, cfg.llm)

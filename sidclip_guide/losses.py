@@ -13,7 +13,7 @@ from .utils import SidclipError
 
 # %% auto #0
 __all__ = ['kd_loss', 'l2_feature_loss', 'clip_loss', 'multi_positive_loss', 'LearnableTemperature', 'contrastive_image_loss',
-           'gather_batch', 'weighted_sum']
+           'world_size', 'gather_batch', 'weighted_sum']
 
 # %% ../nbs/09_losses.ipynb #b39c5c3c
 def _check_alpha_T(alpha: float, T: float):
@@ -133,14 +133,19 @@ def contrastive_image_loss(student_emb: torch.Tensor,  # (B, D) L2-normalised st
     return {'loss': s2t, 's2t': s2t, 'tau': (1 / scale).detach() if torch.is_tensor(scale) else torch.tensor(1 / scale)}
 
 # %% ../nbs/09_losses.ipynb #14595c2a
+def world_size() -> int:
+    "Processes in the torch.distributed group (1 when it is not initialised)."
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
 def gather_batch(a: torch.Tensor,  # (B, D) this process's rows (e.g. student embeddings)
                  b: torch.Tensor,  # (B, D) their pairs (teacher embeddings, or the captions' text embeddings)
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     "Both tensors with every process's rows, in rank order (gradients flow to this process's rows); unchanged with one process."
+    if world_size() == 1: return a, b
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return a, b
     from open_clip.loss import gather_features
-    return gather_features(a, b, rank=dist.get_rank(), world_size=dist.get_world_size())
+    return gather_features(a, b, rank=dist.get_rank(), world_size=world_size())
 
 # %% ../nbs/09_losses.ipynb #01f4116a
 def weighted_sum(parts_by_name: dict[str, dict],  # loss name -> that loss's returned dict (with 'loss')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_prompts.ipynb #fac06127
 from __future__ import annotations
-import itertools, json, random, re
+import functools, itertools, json, random, re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -307,6 +307,7 @@ def covering_array(dims: dict[str, list[str]], # {dimension: [options]}; order o
     return rows
 
 # %% ../nbs/05_prompts.ipynb #674b16f4
+@functools.cache
 def clip_templates() -> tuple[str, ...]:
     "CLIP's ImageNet prompt templates (Radford et al.), from open_clip, with '{c}' for the class name."
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
