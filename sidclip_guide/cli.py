@@ -275,7 +275,9 @@ def distill_args(p: argparse.ArgumentParser, argv: typing.Sequence[str] = ()):
     p.add_argument('--init-from', default=None, help='a `sidclip pretrain` folder: start from its feature-distilled student, head from the teacher\'s ("+I")')
     p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
-    config_arguments(p, DistillConfig, skip={'out_dir', 'progress'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True, base=RECIPES[recipe]())
+    config_arguments(p, DistillConfig, skip={'out_dir', 'progress', 'images'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True, base=RECIPES[recipe]())
+    p.add_argument('--images', action='append', metavar='DIR', default=argparse.SUPPRESS,
+                   help='a folder of unlabelled transfer photos (searched recursively) that the teacher labels, KD term only; repeat for more folders')
     p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
     run_folder_flags(p, 'run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)',   # --device is DistillConfig's (None: the best available)
                      'offline smoke mode: tiny random CLIP teacher and student, toy data if no --split')
@@ -285,7 +287,7 @@ def _distill_config(a: argparse.Namespace):
     "The run's settings: the --recipe preset (tiny with --tiny), then the --config file, then every flag the user gave."
     from sidclip_guide.distill import DistillConfig, RECIPES, TINY
     cfg = config_from_args(DistillConfig, a, config_file_base(DistillConfig, a.config, RECIPES[a.recipe](**(TINY if a.tiny else {}))))
-    return dataclasses.replace(cfg, out_dir=a.out, progress=not a.quiet).validate()
+    return dataclasses.replace(cfg, images=tuple(getattr(a, 'images', cfg.images)), out_dir=a.out, progress=not a.quiet).validate()
 
 def _resume_or_restart(out: Path, resume: bool, restart: bool) -> bool:
     "Re-running the same command continues: resume whenever `out` holds a checkpoint; `restart` deletes the old run first."
@@ -307,6 +309,7 @@ def _distill_cmd(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from sidclip_guide.models import TINY_CLIP
     from sidclip_guide.student import TINY_STUDENT, TINY_STUDENT_CFG, STUDENT_CLIP, StudentConfig
+    from sidclip_guide.utils import atomic_write_json
     from sidclip_guide.data import load_split, save_split, make_toy_dataset, make_fewshot_split, eval_transform, ImageListDataset
     from sidclip_guide.distill import (TeacherConfig, build_teacher, make_student, build_distill_dataset, train, save_student,
                                        plot_metrics, read_metrics)
@@ -322,7 +325,9 @@ def _distill_cmd(args: argparse.Namespace) -> int:
                          init_head=args.init_head or ('popp' if args.recipe == 'popp' else 'text'))
     student = make_student(split.class_names, cfg, teacher_dim=teacher.embed_dim, category=split.category, text_bundle=tbundle, config=scfg,
                            init_from=args.init_from, teacher=teacher)
-    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class)
+    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class, cfg.images, cfg.images_max,
+                               teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed)
+    if PartialState().is_main_process: atomic_write_json(out/'distill_set.json', ds.record)   # what went into the set: counts, kept fraction per class
     test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
     res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
                 resume=_resume_or_restart(out, args.resume, args.restart), stop_after=args.stop_after)
@@ -331,8 +336,12 @@ def _distill_cmd(args: argparse.Namespace) -> int:
         save_split(split, out/'split.json')     # the run's photos: `sidclip export` checks the export on them and scores int8 on the test set
         last = {}
         if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png'); last = read_metrics(out/'metrics.jsonl')[-1]
-        print(f"distill: {len(ds)} training images, epoch {last.get('epoch')}, loss {last.get('loss', float('nan')):.4f}, "
-              f"test top-1 {last.get('test_top1')}; student -> {out/'student.safetensors'}")
+        r = ds.record
+        print(f"distill: {len(ds)} training images ({r['shots']} shots, {r['synthetic']} synthetic, {r['transfer']} transfer), epoch {last.get('epoch')}, "
+              f"loss {last.get('loss', float('nan')):.4f}; student -> {out/'student.safetensors'}")
+        if last.get('test_top1') is not None:
+            t = last.get('teacher_top1')
+            print(f"distill: test top-1 {100 * last['test_top1']:.1f} % student" + (f", {100 * t:.1f} % teacher ({100 * (last['test_top1'] - t):+.1f} points)" if t is not None else ''))
     return 0
 
 # %% ../nbs/90_cli.ipynb #d809ec89

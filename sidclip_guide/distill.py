@@ -17,19 +17,20 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 
 from .teacher import cache_key
 from .data import ImageListDataset
+from .transfer import IMAGE_SUFFIXES, FILTERS, list_images, transfer_items, filter_items
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
 
 # %% auto #0
-__all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'IMAGE_SUFFIXES', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES',
-           'DistillConfig', 'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler',
-           'SeededAugment', 'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint',
-           'checkpoint_candidates', 'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv',
-           'plot_metrics', 'TrainResult', 'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode',
-           'param_groups', 'epoch_batches', 'step_budget', 'probe_head', 'train', 'pretrain_feature_distill',
-           'finetune_feature_distill', 'make_teacher', 'make_student', 'TeacherConfig', 'teacher_head',
-           'feature_teacher', 'build_teacher', 'save_student', 'load_student', 'pretrained_student', 'recipe_changes']
+__all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES', 'DistillConfig',
+           'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment',
+           'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state',
+           'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'checkpoint_candidates',
+           'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult',
+           'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches',
+           'step_budget', 'probe_head', 'mix_batch', 'train', 'pretrain_feature_distill', 'finetune_feature_distill',
+           'make_teacher', 'make_student', 'TeacherConfig', 'teacher_head', 'feature_teacher', 'build_teacher',
+           'save_student', 'load_student', 'pretrained_student', 'recipe_changes']
 
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSS_READS = {   # what each loss of the `LOSSES` registry (below) reads: the teacher's outputs, labels, the student's projection in the teacher's space
@@ -65,7 +66,12 @@ class DistillConfig:
     randaugment_ops: int = 2         # RandAugment operations per image (SIDCLIP paper: 6; library's choice: 2)
     aug_pool: int = 16               # n: cycle n augmentation draws per image, so teacher outputs are cached; 0: fresh draws every epoch
     use_synthetic: bool = True       # add the synthetic images to the real shots (ablation switch)
-    synthetic_per_class: int | None = None  # use at most this many synthetic images per class, the first of the pool (SIDCLIP Fig. 3: 100/200 of 300); None: all
+    synthetic_per_class: int | None = None  # use at most this many synthetic images per class, the first of the pool kept by the filter (SIDCLIP Fig. 3: 100/200 of 300); None: all
+    synthetic_filter: str = 'none'   # keep a synthetic image only if the teacher agrees: 'popp' (its top-1 is the prompt class), 'he' (p(class) > 1/C), 'none'
+    images: tuple[str, ...] = ()     # transfer folders of unlabelled photos (searched recursively), labelled by the teacher: KD term only
+    images_max: int | None = None    # at most this many transfer photos in all, a seeded choice; None: every one
+    images_min_confidence: float = 0.0  # keep a transfer photo only if the teacher's top probability is at least this; 0: all (Beyer et al.)
+    mixup: float = 0.0               # function matching (Beyer et al.): blend each batch with itself rolled by one, λ ~ Beta(p, p) (their p = 1); blends are KD-only; 0: off
     init: str = 'text'               # student head init: 'text' (SIDCLIP Initialize) or 'none' (standalone timm ablation)
     amp: str = 'no'                  # mixed precision: 'no', 'bf16' or 'fp16' (fp16 only on CUDA)
     channels_last: bool = True       # NHWC memory format for student and teacher (faster for CNNs on CUDA and CPU)
@@ -107,6 +113,11 @@ class DistillConfig:
         for k in ('epochs', 'batch_size', 'image_size'):
             if getattr(self, k) < 1: bad(k, "must be >= 1.")
         if self.synthetic_per_class is not None and self.synthetic_per_class < 0: bad('synthetic_per_class', "must be >= 0 (None: every synthetic image).")
+        if self.images_max is not None and self.images_max < 0: bad('images_max', "must be >= 0 (None: every transfer photo).")
+        if self.synthetic_filter not in FILTERS: bad('synthetic_filter', f"is unknown: use one of {tuple(FILTERS)}.")
+        if not 0.0 <= self.images_min_confidence <= 1.0: bad('images_min_confidence', "must lie in [0, 1]: a probability (0 keeps every photo).")
+        if self.mixup < 0: bad('mixup', "must be >= 0: the Beta(p, p) concentration (Beyer et al.: 1), or 0 for no mixup.")
+        if self.mixup and not self.needs_teacher: bad('mixup', f"needs a teacher to label the blends, but loss={self.loss!r} reads none: use loss='kd' or 'l2'.")
         for k in ('min_steps', 'aug_pool', 'save_every', 'keep', 'eval_every', 'num_workers', 'randaugment_ops'):
             if getattr(self, k) < 0: bad(k, "must be >= 0.")
         if not self.lr > 0: bad('lr', "must be > 0 (e.g. 3e-4).")
@@ -136,32 +147,51 @@ def synthetic_items(manifest: str | Path,  # manifest.jsonl (or its folder) of g
     return manifest_items(rows, root, class_names, per_class)
 
 # %% ../nbs/10_distill.ipynb #bfe7716d
+def _first_per_class(items: list, n: int | None) -> list:
+    "The first `n` items of each label, in item order (None: all)."
+    if n is None: return list(items)
+    out, seen = [], {}
+    for it in items:
+        seen[it[1]] = seen.get(it[1], 0) + 1
+        if seen[it[1]] <= n: out.append(it)
+    return out
+
 def build_distill_dataset(split,                   # a `FewShotSplit`
                           k: int,                  # number of real shots per class
                           manifest: str | Path | None = None, # synthesis manifest for these shots (or None)
                           use_synthetic: bool = True, # include the synthetic images (ablation switch)
                           transform: Callable | None = None, # image transform returning [0,1] tensors
-                          synthetic_per_class: int | None = None, # at most this many synthetic images per class (None: the whole pool)
+                          synthetic_per_class: int | None = None, # at most this many synthetic images per class, after the filter (None: all kept)
+                          unlabelled: Sequence = (), # transfer folders (or lists of image paths): photos the teacher labels (`transfer.transfer_items`)
+                          unlabelled_max: int | None = None, # at most this many transfer photos in all (a seeded choice)
+                          teacher: nn.Module | None = None, # the frozen teacher, for the filters
+                          synthetic_filter: str = 'none', # a `transfer.FILTERS` rule for the synthetic images
+                          min_confidence: float = 0.0, # the teacher-confidence floor for transfer photos
+                          seed: int = 0,           # seed of the transfer cap
                          ) -> Dataset:
-    "The distillation set: the split's k real shots ∪ their synthetic images."
-    items = [(Path(p), int(y)) for p, y in split.shots(k)]
-    if use_synthetic and manifest is not None: items += synthetic_items(manifest, split.class_names, per_class=synthetic_per_class)
+    "The distillation set: the k real shots ∪ their synthetic images ∪ transfer photos (label -1); its `record` says what went in."
+    shots = [(Path(p), int(y)) for p, y in split.shots(k)]
+    syn = synthetic_items(manifest, split.class_names) if use_synthetic and manifest is not None else []
+    extra, rec = transfer_items(unlabelled, shots, split.test_items() + split.val_items(), unlabelled_max, seed) if unlabelled else ([], {})
+    if (synthetic_filter != 'none' or min_confidence) and teacher is None: raise SidclipError("The teacher filters need the teacher: pass teacher=.")
+    kept, per_class = filter_items(teacher, syn + extra, split.class_names, synthetic_filter, min_confidence) if teacher is not None else (syn + extra, {})
+    syn_kept = _first_per_class([it for it in kept if it[1] >= 0], synthetic_per_class)
+    items = shots + syn_kept + [it for it in kept if it[1] < 0]
     if not items: raise SidclipError(f"The distillation set is empty (k={k}, manifest={manifest}): use k >= 1 or pass a manifest with synthetic images.")
-    return ImageListDataset(items, transform)
+    ds = ImageListDataset(items, transform)
+    ds.record = dict(shots=len(shots), synthetic_pool=len(syn), synthetic=len(syn_kept), transfer_found=rec.get('found', 0),
+                     transfer=len(items) - len(shots) - len(syn_kept), transfer_record=rec, synthetic_filter=synthetic_filter,
+                     min_confidence=min_confidence, kept_per_class=per_class)
+    return ds
 
 # %% ../nbs/10_distill.ipynb #528fa80a
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
-
 class UnlabelledImageFolder(ImageListDataset):
-    "Every image below `root` (recursively), yielded as `(transform(image), -1)`: an `ImageListDataset` with no labels."
+    "Every image below `root` (recursively, `transfer.list_images`), yielded as `(transform(image), -1)`: an `ImageListDataset` with no labels."
     def __init__(self, root: str | Path,             # folder searched recursively
                  transform: Callable | None = None,  # PIL image -> tensor; None gives [0,1] tensors at native size
                 ):
         self.root = Path(root)
-        if not self.root.is_dir(): raise SidclipError(f"Image folder {self.root} does not exist: pass a folder of images.")
-        files = sorted(p for p in self.root.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files: raise SidclipError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found below {self.root}: the distillation set would be empty.")
-        super().__init__([(p, -1) for p in files], transform, fix='delete or replace it')
+        super().__init__([(p, -1) for p in list_images(self.root)], transform, fix='delete or replace it')
 
 # %% ../nbs/10_distill.ipynb #67b9c759
 class EpochSampler(Sampler):
@@ -598,7 +628,8 @@ def probe_head(student: nn.Module,  # a `Student` with a head
         student.set_head(w / float(student.logit_scale))
     else:
         with torch.no_grad(): student.head.weight.copy_(w); student.head.bias.copy_(b)
-    return {'C': probe.C, 'cv_score': probe.val_acc, 'n': len(y)}   # cv_score: mean held-out log-likelihood (nan at 1 shot)
+    cv = None if math.isnan(probe.val_acc) else probe.val_acc        # JSON has no NaN: no score at 1 shot
+    return {'C': probe.C, 'cv_score': cv, 'n': len(y)}               # cv_score: mean held-out log-likelihood (None at 1 shot)
 
 def _probe_set(train_ds: Dataset, image_size: int) -> Dataset:
     "The labelled items of the training set without augmentation (the eval transform), when the dataset lists its items."
@@ -611,7 +642,7 @@ def _resolve_cache(teacher_cache, teacher, cfg: DistillConfig):
     "'auto': an in-memory `TeacherCache` of the fields the loss reads, when augmentations repeat (aug_pool > 0); else as given."
     if not (isinstance(teacher_cache, str) and teacher_cache == 'auto'): return teacher_cache
     from sidclip_guide.teacher import Teacher, TeacherCache
-    if not cfg.needs_teacher or cfg.aug_pool == 0 or not isinstance(teacher, Teacher): return None
+    if not cfg.needs_teacher or cfg.aug_pool == 0 or cfg.mixup or not isinstance(teacher, Teacher): return None   # blends never repeat
     return TeacherCache(teacher, fields=('logits',) if cfg.loss == 'kd' else ('embeds',))
 
 def _resume_from(candidates: list, cfg: DistillConfig, student, opt, sched, log=print) -> dict:
@@ -630,10 +661,21 @@ def _resume_from(candidates: list, cfg: DistillConfig, student, opt, sched, log=
 
 def _check_resume_config(old: dict, cfg: DistillConfig, where) -> None:
     "Raise unless the checkpoint's config equals `cfg` in every field that changes the result."
-    changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items() if k not in _NO_EFFECT and k in old and old[k] != v]
+    old, now = (json.loads(json.dumps(_json_safe(d))) for d in (old, asdict(cfg)))   # as a checkpoint stores them: tuples are lists there
+    changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in now.items() if k not in _NO_EFFECT and k in old and old[k] != v]
     if changed:
         diff = ', '.join(changed)
         raise SidclipError(f"{where} holds a run with another configuration ({diff}): resume with the same settings, use a new --out folder, or --restart.")
+
+# %% ../nbs/10_distill.ipynb #d140fdcd
+def mix_batch(x: torch.Tensor,     # (B, 3, H, W) augmented images
+              y: torch.Tensor,     # (B,) labels
+              p: float,            # Beta(p, p) concentration of λ (Beyer et al.: 1, a uniform λ)
+              seed: int,           # seed of this batch's λ
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Beyer et al.'s mixup: every image blended with the next one in the batch, one λ per batch; labels -1 (the teacher labels the blend)."
+    lam = float(np.random.default_rng(seed).beta(p, p))
+    return lam * x + (1 - lam) * x.roll(1, dims=0), torch.full_like(y, -1)
 
 # %% ../nbs/10_distill.ipynb #41dd03cf
 def train(student: nn.Module,            # returns dict(logits, embeds, proj) on [0,1] images
@@ -664,6 +706,7 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     # -- data: (index, augmentation seed) batches in an order fixed by (seed, epoch); a trailing batch of one is dropped (BatchNorm)
     data = SeededAugment(train_ds)
     cache = _resolve_cache(teacher_cache, teacher, cfg)
+    if cfg.mixup and cache is not None: raise SidclipError("mixup blends every batch anew, so cached teacher outputs would answer for the un-blended images: pass teacher_cache=None (or 'auto').")
     ids = item_ids(train_ds) if cache is not None else None
     sampler = EpochSampler(len(data), cfg.seed, shuffle=True, aug_pool=cfg.aug_pool)
     dl = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, pin_memory=dev.type == 'cuda',
@@ -705,8 +748,9 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
         dl.set_epoch(epoch); set_train_mode(model, cfg.bn)
         sums: dict = {}; t0 = time.perf_counter()
         bar = tqdm(dl, desc=f'epoch {epoch+1}/{epochs}', leave=False, disable=not (cfg.progress and acc.is_main_process))
-        for x, y, idx, aug in bar:
+        for bi, (x, y, idx, aug) in enumerate(bar):
             x = x.contiguous(memory_format=fmt)
+            if cfg.mixup: x, y = mix_batch(x, y, cfg.mixup, stable_seed(cfg.seed, 'mixup', epoch, bi))   # the teacher sees the blend the student sees
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 keys = [cache_key(ids[i], s) for i, s in zip(idx.tolist(), aug.tolist())] if cache is not None else None
                 t_out = teacher_outputs(teacher, x, keys, cache) if cfg.needs_teacher else None
@@ -734,13 +778,14 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
         if acc.is_main_process:
             if test_ds is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                 row['test_top1'] = evaluate_top1(student, test_ds, max(cfg.batch_size, 64), dev)
+                if last and getattr(teacher, 'class_names', None): row['teacher_top1'] = evaluate_top1(teacher, test_ds, max(cfg.batch_size, 64), dev)
             if ckdir and ((epoch + 1) % save_every == 0 or end_of_call):
                 ckpt = save_checkpoint(ckdir, epoch + 1, student, opt, sched, keep=cfg.keep or None,
                                        extra={'global_step': gstep, 'config': asdict(cfg), 'metrics': row, 'scaler': scaler.state_dict()})
             if log: append_jsonl(log, row); write_metrics_csv(log, out/'metrics.csv')
             if cfg.progress and (last or (epoch + 1) % save_every == 0):
                 tqdm.write(f"epoch {epoch+1}/{epochs} loss {row['loss']:.4f}" + (f" train_acc {row['train_acc']:.3f}" if row['train_acc'] is not None else '')
-                           + (f" test_top1 {row['test_top1']:.3f}" if row['test_top1'] is not None else '') + f" {row['samples_per_s']:.0f} img/s")
+                           + (f" test_top1 {row['test_top1']:.3f}" if row['test_top1'] is not None else '') + (f" (teacher {row['teacher_top1']:.3f})" if row.get('teacher_top1') is not None else '') + f" {row['samples_per_s']:.0f} img/s")
         history.append(row)
         acc.wait_for_everyone()
     student.eval()

@@ -125,6 +125,7 @@ def _fit_lr(x, y, C: float, max_iter: int, seed: int, clf=None):
     clf = LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True) if clf is None else clf
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*(converge|max_iter).*')
+        warnings.filterwarnings('ignore', message='.*unique classes is greater than 50%.*')   # 1 shot per class: a few-shot probe, not a regression
         return clf.set_params(C=C).fit(x, y)
 
 def _sweep(xt, yt, xv, yv, Cs: Sequence[float], max_iter: int, seed: int) -> dict:

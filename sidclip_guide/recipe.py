@@ -274,8 +274,9 @@ def distill_stage(run: Run) -> dict:
     cfg, split, teacher, student = run.distill_cfg, run.split, run.teacher[1], run.new_student()
     manifest = run.shared('synth', MANIFEST) if run.uses_synthetic else None
     if run.cfg.data.k == 0 and manifest is None: raise SidclipError("data.k is 0 and there are no synthetic images: the student has nothing to learn from; keep the synth stage.")
-    ds = build_distill_dataset(split, run.cfg.data.k, manifest, manifest is not None,
-                               cfg.transform(), cfg.synthetic_per_class)
+    ds = build_distill_dataset(split, run.cfg.data.k, manifest, manifest is not None, cfg.transform(), cfg.synthetic_per_class,
+                               cfg.images, cfg.images_max, teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed)
+    atomic_write_json(run.path('distill', 'distill_set.json'), ds.record)   # what went into the set: counts, kept fraction per class
     test = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
     ck = run.path('distill', 'checkpoints')
     res = train(student, teacher, ds, cfg, test_ds=test, teacher_cache='auto', resume=ck.is_dir() and latest_checkpoint(ck) is not None)
@@ -283,7 +284,8 @@ def distill_stage(run: Run) -> dict:
     if run.base is None: plot_metrics(run.path('distill', 'metrics.jsonl'), run.path('distill', 'metrics.png'))   # a grid cell: the grid's figures instead
     run._cache['student'] = res.student.eval()
     last = res.history[-1] if res.history else {}
-    return dict(images=len(ds), epochs=last.get('epoch'), test_top1=None if last.get('test_top1') is None else round(last['test_top1'], 4))
+    return dict(images=len(ds), shots=ds.record['shots'], synthetic=ds.record['synthetic'], transfer=ds.record['transfer'], epochs=last.get('epoch'),
+                test_top1=None if last.get('test_top1') is None else round(last['test_top1'], 4))
 
 # %% ../nbs/14_recipe.ipynb #c332830d
 def _frozen_probe_top1(run: Run) -> float:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_utils.ipynb #b68f7174
 from __future__ import annotations
-import os, re, json, errno, random, typing, difflib, tempfile, hashlib, unicodedata, contextlib, dataclasses
+import os, re, json, math, errno, random, typing, difflib, tempfile, hashlib, unicodedata, contextlib, dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -64,11 +64,17 @@ def atomic_write_text(path: str | Path, # destination file
     "Write `text` (UTF-8) to `path` atomically."
     return atomic_write_bytes(path, text.encode('utf-8'))
 
+def _finite(o):
+    "`o` with every NaN or infinite float replaced by None: JSON has no NaN, and `json.dumps` would write one anyway."
+    if isinstance(o, float): return o if math.isfinite(o) else None
+    if isinstance(o, dict): return {k: _finite(v) for k, v in o.items()}
+    return [_finite(v) for v in o] if isinstance(o, (list, tuple)) else o
+
 def atomic_write_json(path: str | Path, # destination file
-                      obj: Any,          # JSON-serialisable object
+                      obj: Any,          # JSON-serialisable object (NaN and infinities are written as null)
                      ) -> Path:
-    "Write `obj` as indented JSON to `path` atomically."
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + '\n')
+    "Write `obj` as indented, valid JSON to `path` atomically."
+    return atomic_write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False) + '\n')
 
 # %% ../nbs/00_utils.ipynb #70b603f7
 def atomic_save_image(img,                # a `PIL.Image.Image`
