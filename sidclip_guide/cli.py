@@ -4,17 +4,18 @@
 
 # %% ../nbs/90_cli.ipynb #cec79c96
 from __future__ import annotations
-import sys, time, argparse, dataclasses, inspect, typing
+import sys, time, shlex, argparse, contextlib, dataclasses, inspect, typing
 from pathlib import Path
 
 from . import __version__
-from .utils import SidclipError, atomic_write_text, os_error_message, _typed, _unoptional, config_from_dict, read_config_file, get_device
+from sidclip_guide.utils import (SidclipError, atomic_write_text, os_error_message, _typed, _unoptional, config_from_dict, read_config_file, get_device,
+    run_folder_lock)
 
 # %% auto #0
 __all__ = ['COMMANDS', 'DEVICE_HELP', 'WIRING_NOTE', 'command', 'device_and_quiet', 'build_parser', 'main', 'config_arguments',
-           'config_from_args', 'config_file_base', 'eval_args', 'synth_args', 'teacher_flags', 'run_folder_flags',
-           'distill_args', 'pretrain_args', 'probe_args', 'run_args', 'export_args', 'predict_args', 'run_demo',
-           'demo_args']
+           'config_from_args', 'config_file_base', 'eval_args', 'class_list', 'synth_args', 'teacher_flags',
+           'run_folder_flags', 'distill_args', 'pretrain_args', 'probe_args', 'run_args', 'export_args', 'predict_args',
+           'run_demo', 'demo_args']
 
 # %% ../nbs/90_cli.ipynb #d787569c
 COMMANDS = {}   # command -> (one-line help for `sidclip --help`, function that fills its parser), in the method's order
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
     args = parser.parse_args(argv)
     if not getattr(args, 'func', None):
         parser.print_help(); return 1
+    args.command_line = shlex.join(['sidclip', *argv])   # what a second writer of the same --out is told the first runs
     try: return int(args.func(args) or 0)
     except SidclipError as e:
         print(f'sidclip {args.command}: error: {e}', file=sys.stderr); return 2
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
         print(f'sidclip {args.command}: interrupted; everything written so far is complete and a re-run resumes.', file=sys.stderr); return 130
     except OSError as e:   # disk full, read-only file system, a file where a folder should be: the path and the cause, no traceback
         print(f'sidclip {args.command}: error: {os_error_message(e)}', file=sys.stderr); return 2
+
+def _out_lock(args: argparse.Namespace):
+    "The lock on `--out` of a command that writes a run folder: a second writer is refused (only rank 0 of a torchrun/accelerate launch takes it)."
+    return run_folder_lock(args.out, getattr(args, 'command_line', None))
 
 # %% ../nbs/90_cli.ipynb #5abfb9eb
 def _flag_type(hint):
@@ -193,6 +199,18 @@ def _eval_cmd(args: argparse.Namespace) -> int:
     print(to_markdown(df))
     return 0
 
+# %% ../nbs/90_cli.ipynb #1e47daa1
+def class_list(text: str, # the value of --classes: comma-separated class names
+               flag: str = '--classes', # the flag, for the message
+              ) -> list[str]:
+    "The class names of a comma-separated flag, stripped; a blank or repeated name is a one-line `SidclipError`."
+    names = [c.strip() for c in text.split(',')]
+    blank = [i + 1 for i, c in enumerate(names) if not c]
+    if blank: raise SidclipError(f"{flag} {text!r} has a blank class name (position {blank[0]} of {len(names)}): remove the extra comma or write the name; labels follow the order given.")
+    dup = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    if dup is not None: raise SidclipError(f"{flag} {text!r} names {dup!r} twice: give each class once.")
+    return names
+
 # %% ../nbs/90_cli.ipynb #1a3ad72e
 @command('synth', 'generate the synthetic training set (resumable, shardable)')
 def synth_args(p: argparse.ArgumentParser):
@@ -220,19 +238,18 @@ def _synth_cmd(args: argparse.Namespace) -> int:
     from sidclip_guide.data import load_split
     from sidclip_guide.generate import SynthConfig, plan_items, prompt_config, synth_generator, run_sharded, MANIFEST
     if args.split: src = load_split(args.split); class_names, category = list(src.class_names), src.category
-    else:
-        src = class_names = [c.strip() for c in args.classes.split(',') if c.strip()]; category = 'object'
-        if not class_names: raise SidclipError('--classes is empty: give comma-separated class names.')
+    else: src = class_names = class_list(args.classes); category = 'object'
     cfg = config_from_args(SynthConfig, args, config_file_base(SynthConfig, args.config)).validate()
-    reqs = plan_items(src, cfg.mode, cfg.n_per_class, args.seed, prompt_config(cfg, args.seed, class_names, category, args.out) if cfg.mode == 'prompt' else None,
-                      shots_k=args.k)
-    cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
-    st = run_sharded(lambda dev: synth_generator(cfg, _rank_device(args.device, dev), args.seed), reqs, args.out, cpu=cpu,
-                     batch_size=cfg.batch_size, class_names=class_names, ext=cfg.ext, max_attempts=cfg.max_attempts, progress=not args.quiet)
-    if st['rank'] == 0:
-        print(f"synth: {st['generated']} new, {st['existing']} existing on rank 0 ({st['images_per_s']:.2f} img/s); "
-              f"manifest: {Path(args.out)/MANIFEST}")
-    return 0
+    with _out_lock(args):
+        reqs = plan_items(src, cfg.mode, cfg.n_per_class, args.seed, prompt_config(cfg, args.seed, class_names, category, args.out) if cfg.mode == 'prompt' else None,
+                          shots_k=args.k)
+        cpu = args.device == 'cpu' or (args.device == 'auto' and not torch.cuda.is_available())
+        st = run_sharded(lambda dev: synth_generator(cfg, _rank_device(args.device, dev), args.seed), reqs, args.out, cpu=cpu,
+                         batch_size=cfg.batch_size, class_names=class_names, ext=cfg.ext, max_attempts=cfg.max_attempts, progress=not args.quiet)
+        if st['rank'] == 0:
+            print(f"synth: {st['generated']} new, {st['existing']} existing on rank 0 ({st['images_per_s']:.2f} img/s); "
+                  f"manifest: {Path(args.out)/MANIFEST}")
+        return 0
 
 # %% ../nbs/90_cli.ipynb #f4e78c12
 def teacher_flags(p: argparse.ArgumentParser, # a training command's parser
@@ -314,35 +331,36 @@ def _distill_cmd(args: argparse.Namespace) -> int:
     from sidclip_guide.distill import (TeacherConfig, build_teacher, make_student, build_distill_dataset, train, save_student,
                                        plot_metrics, read_metrics)
     cfg = _distill_config(args); out = Path(args.out)
-    if args.split: split = load_split(args.split)
-    elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=cfg.seed)
-    else: raise SidclipError("sidclip distill needs --split SPLIT.json (or --tiny for an offline smoke run).")
-    k = split.k if args.k is None else args.k
-    tcfg = config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.')
-    tbundle, teacher = build_teacher(tcfg, split, k, cfg.device, cfg.seed)
-    scfg = StudentConfig((TINY_STUDENT if args.tiny else args.student) or STUDENT_CLIP, args.student_pretrained,
-                         TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
-                         init_head=args.init_head or ('popp' if args.recipe == 'popp' else 'text'))
-    student = make_student(split.class_names, cfg, teacher_dim=teacher.embed_dim, category=split.category, text_bundle=tbundle, config=scfg,
-                           init_from=args.init_from, teacher=teacher)
-    ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class, cfg.images, cfg.images_max,
-                               teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed)
-    if PartialState().is_main_process: atomic_write_json(out/'distill_set.json', ds.record)   # what went into the set: counts, kept fraction per class
-    test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
-    res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
-                resume=_resume_or_restart(out, args.resume, args.restart), stop_after=args.stop_after)
-    if PartialState().is_main_process:
-        save_student(res.student, out, student.spec)
-        save_split(split, out/'split.json')     # the run's photos: `sidclip export` checks the export on them and scores int8 on the test set
-        last = {}
-        if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png'); last = read_metrics(out/'metrics.jsonl')[-1]
-        r = ds.record
-        print(f"distill: {len(ds)} training images ({r['shots']} shots, {r['synthetic']} synthetic, {r['transfer']} transfer), epoch {last.get('epoch')}, "
-              f"loss {last.get('loss', float('nan')):.4f}; student -> {out/'student.safetensors'}")
-        if last.get('test_top1') is not None:
-            t = last.get('teacher_top1')
-            print(f"distill: test top-1 {100 * last['test_top1']:.1f} % student" + (f", {100 * t:.1f} % teacher ({100 * (last['test_top1'] - t):+.1f} points)" if t is not None else ''))
-    return 0
+    with _out_lock(args):
+        if args.split: split = load_split(args.split)
+        elif args.tiny: split = make_fewshot_split(make_toy_dataset(out/'toy', n_classes=3, n_per_class=10), k=4, seed=cfg.seed)
+        else: raise SidclipError("sidclip distill needs --split SPLIT.json (or --tiny for an offline smoke run).")
+        k = split.k if args.k is None else args.k
+        tcfg = config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.')
+        tbundle, teacher = build_teacher(tcfg, split, k, cfg.device, cfg.seed)
+        scfg = StudentConfig((TINY_STUDENT if args.tiny else args.student) or STUDENT_CLIP, args.student_pretrained,
+                             TINY_STUDENT_CFG['vision_cfg']['timm_model_name'] if args.tiny else args.timm_name,
+                             init_head=args.init_head or ('popp' if args.recipe == 'popp' else 'text'))
+        student = make_student(split.class_names, cfg, teacher_dim=teacher.embed_dim, category=split.category, text_bundle=tbundle, config=scfg,
+                               init_from=args.init_from, teacher=teacher)
+        ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class, cfg.images, cfg.images_max,
+                                   teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed)
+        if PartialState().is_main_process: atomic_write_json(out/'distill_set.json', ds.record)   # what went into the set: counts, kept fraction per class
+        test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
+        res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
+                    resume=_resume_or_restart(out, args.resume, args.restart), stop_after=args.stop_after)
+        if PartialState().is_main_process:
+            save_student(res.student, out, student.spec)
+            save_split(split, out/'split.json')     # the run's photos: `sidclip export` checks the export on them and scores int8 on the test set
+            last = {}
+            if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png'); last = read_metrics(out/'metrics.jsonl')[-1]
+            r = ds.record
+            print(f"distill: {len(ds)} training images ({r['shots']} shots, {r['synthetic']} synthetic, {r['transfer']} transfer), epoch {last.get('epoch')}, "
+                  f"loss {last.get('loss', float('nan')):.4f}; student -> {out/'student.safetensors'}")
+            if last.get('test_top1') is not None:
+                t = last.get('teacher_top1')
+                print(f"distill: test top-1 {100 * last['test_top1']:.1f} % student" + (f", {100 * t:.1f} % teacher ({100 * (last['test_top1'] - t):+.1f} points)" if t is not None else ''))
+        return 0
 
 # %% ../nbs/90_cli.ipynb #d809ec89
 @command('pretrain', "Popp et al.'s stage 1: distil a teacher's image embeddings into a small tower on any unlabelled images (an \"+I\" start)")
@@ -368,19 +386,20 @@ def _pretrain_cmd(args: argparse.Namespace) -> int:
     base = DistillConfig.popp(**{**(TINY if args.tiny else {}), 'epochs': TINY['epochs'] if args.tiny else 1})
     cfg = config_from_args(DistillConfig, args, config_file_base(DistillConfig, args.config, base))
     cfg = dataclasses.replace(cfg, loss='l2', init='none', out_dir=args.out, progress=not args.quiet).validate()
-    teacher = feature_teacher(config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.'),
-                              cfg.device, cfg.seed)
-    student = make_student([], cfg, pretrained=args.student_pretrained, timm_name='tinynet_e' if args.tiny else args.timm_name,
-                           teacher_dim=teacher.embed_dim)
-    out = Path(args.out)
-    res = pretrain_feature_distill(student, teacher, args.images, cfg, resume=_resume_or_restart(out, args.resume, args.restart),
-                                   stop_after=args.stop_after)
-    if PartialState().is_main_process:
-        save_student(res.student, out, student.spec)
-        last = read_metrics(out/'metrics.jsonl')[-1] if (out/'metrics.jsonl').exists() else {}
-        print(f"pretrain: epoch {last.get('epoch')}, l2 {last.get('l2', float('nan')):.4f}; student -> {out/'student.safetensors'}; "
-              f"start a task from it with `sidclip distill --init-from {out}`")
-    return 0
+    with _out_lock(args):
+        teacher = feature_teacher(config_from_args(TeacherConfig, args, TeacherConfig(TINY_CLIP, None) if args.tiny else None, prefix='teacher.'),
+                                  cfg.device, cfg.seed)
+        student = make_student([], cfg, pretrained=args.student_pretrained, timm_name='tinynet_e' if args.tiny else args.timm_name,
+                               teacher_dim=teacher.embed_dim)
+        out = Path(args.out)
+        res = pretrain_feature_distill(student, teacher, args.images, cfg, resume=_resume_or_restart(out, args.resume, args.restart),
+                                       stop_after=args.stop_after)
+        if PartialState().is_main_process:
+            save_student(res.student, out, student.spec)
+            last = read_metrics(out/'metrics.jsonl')[-1] if (out/'metrics.jsonl').exists() else {}
+            print(f"pretrain: epoch {last.get('epoch')}, l2 {last.get('l2', float('nan')):.4f}; student -> {out/'student.safetensors'}; "
+                  f"start a task from it with `sidclip distill --init-from {out}`")
+        return 0
 
 # %% ../nbs/90_cli.ipynb #6d7bb750
 @command('probe', 'probe a CLIP teacher and a distilled student: common corruptions, synthetic<->real transfer, spurious colour/background cues')
@@ -435,22 +454,23 @@ def run_args(p: argparse.ArgumentParser):
     p.set_defaults(func=_run_cmd)
 
 def _run_cmd(args: argparse.Namespace) -> int:
-    "Run `sidclip run` from parsed arguments."
+    "Run `sidclip run` from parsed arguments; --dry-run and --print-config only read, so they take no lock."
     from sidclip_guide.recipe import RunConfig, preset_config, run_recipe, plan_run, format_plan, run_grid, write_grid_report
     from sidclip_guide.utils import config_yaml
     cfg = config_from_args(RunConfig, args, preset_config(*args.configs)).validate()
     if args.print_config: sys.stdout.write(config_yaml(cfg)); return 0
-    if args.grid:
-        g = cfg.grid
-        print(f"grid: {len(g.methods)} methods x shots {list(g.shots)} x seeds {list(g.seeds)} into {args.out}; the first cell's plan:")
-        print(format_plan(plan_run(dataclasses.replace(cfg, seed=g.seeds[0], data=dataclasses.replace(cfg.data, k=g.shots[-1])), Path(args.out)/f'k{g.shots[-1]}-seed{g.seeds[0]}')))
+    with contextlib.nullcontext() if args.dry_run else _out_lock(args):
+        if args.grid:
+            g = cfg.grid
+            print(f"grid: {len(g.methods)} methods x shots {list(g.shots)} x seeds {list(g.seeds)} into {args.out}; the first cell's plan:")
+            print(format_plan(plan_run(dataclasses.replace(cfg, seed=g.seeds[0], data=dataclasses.replace(cfg.data, k=g.shots[-1])), Path(args.out)/f'k{g.shots[-1]}-seed{g.seeds[0]}')))
+            if args.dry_run: return 0
+            df = run_grid(cfg, args.out, log=print)
+            print(f"grid: report {write_grid_report(df, args.out, cfg)}")
+            return 0
+        print(format_plan(plan_run(cfg, args.out)))
         if args.dry_run: return 0
-        df = run_grid(cfg, args.out, log=print)
-        print(f"grid: report {write_grid_report(df, args.out, cfg)}")
-        return 0
-    print(format_plan(plan_run(cfg, args.out)))
-    if args.dry_run: return 0
-    run_recipe(cfg, args.out, args.restart, log=print, progress=not args.quiet)
+        run_recipe(cfg, args.out, args.restart, log=print, progress=not args.quiet)
     print(f"run: report {Path(args.out)/'report.md'}")
     return 0
 
@@ -497,8 +517,10 @@ def _predict_cmd(args: argparse.Namespace) -> int:
     if args.out: atomic_write_text(args.out, text)
     else: sys.stdout.write(text)
     bad = [r['error'] for r in rows if r['error']]
+    if len(bad) == len(rows) == 1: print(f'sidclip predict: error: no image was classified: {bad[0]}', file=sys.stderr); return 1
     for e in bad: print(f'sidclip predict: error: {e}', file=sys.stderr)
-    if bad: print(f'sidclip predict: {len(bad)} of {len(rows)} images could not be read; the others were classified.', file=sys.stderr)
+    if len(bad) == len(rows): print(f'sidclip predict: no image was classified: none of the {len(rows)} images could be read.', file=sys.stderr)
+    elif bad: print(f'sidclip predict: {len(bad)} of {len(rows)} images could not be read; the other' + (f's ({len(rows) - len(bad)}) were' if len(rows) - len(bad) > 1 else ' was') + ' classified.', file=sys.stderr)
     return 1 if bad else 0
 
 # %% ../nbs/90_cli.ipynb #49947f88
@@ -531,7 +553,7 @@ def run_demo(out: str | Path = 'sidclip-demo', # run folder
 
 def _demo_cmd(args: argparse.Namespace) -> int:
     "Run `sidclip demo` from parsed arguments."
-    run_demo(args.out, args.device, args.seed, not args.no_grid)
+    with _out_lock(args): run_demo(args.out, args.device, args.seed, not args.no_grid)
     return 0
 
 # %% ../nbs/90_cli.ipynb #06a4f035

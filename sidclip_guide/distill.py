@@ -26,11 +26,12 @@ __all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'LOSSES', 'CKPT_FORMA
            'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment',
            'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state',
            'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'checkpoint_candidates',
-           'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv', 'plot_metrics', 'TrainResult',
-           'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches',
-           'step_budget', 'probe_head', 'mix_batch', 'train', 'pretrain_feature_distill', 'finetune_feature_distill',
-           'make_teacher', 'make_student', 'TeacherConfig', 'teacher_head', 'feature_teacher', 'build_teacher',
-           'save_student', 'load_student', 'pretrained_student', 'recipe_changes']
+           'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv', 'plot_metrics', 'rewind_metrics',
+           'TrainResult', 'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode', 'param_groups',
+           'epoch_batches', 'step_budget', 'train_budget', 'probe_head', 'mix_batch', 'train',
+           'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher', 'make_student', 'TeacherConfig',
+           'teacher_head', 'feature_teacher', 'build_teacher', 'save_student', 'load_student', 'pretrained_student',
+           'recipe_changes']
 
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSS_READS = {   # what each loss of the `LOSSES` registry (below) reads: the teacher's outputs, labels, the student's projection in the teacher's space
@@ -503,6 +504,24 @@ def plot_metrics(log_path: str | Path, # metrics.jsonl of a run
     fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90); plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
+# %% ../nbs/10_distill.ipynb #276abeaf
+def rewind_metrics(log_path: str | Path,      # metrics.jsonl of a run (metrics.csv beside it is rewritten too)
+                   epoch: int,                # the epoch the run continues from (0: from scratch)
+                   row: dict | None = None,   # that epoch's row, as its checkpoint stored it
+                  ) -> list[dict]:
+    "Rewrite the metrics log (atomically) to one row per epoch up to `epoch`, then its CSV: what a resumed run appends to."
+    log_path = Path(log_path); csv_path = log_path.with_suffix('.csv')
+    for f in (log_path, csv_path):   # half-written files of a killed atomic write
+        for t in log_path.parent.glob(f'.{f.name}.*.tmp'): t.unlink(missing_ok=True)
+    rows = {r['epoch']: r for r in read_metrics(log_path) if r['epoch'] <= epoch}
+    if epoch and row: rows[epoch] = row
+    rows = [rows[e] for e in sorted(rows)]
+    if not rows:
+        log_path.unlink(missing_ok=True); csv_path.unlink(missing_ok=True); return []
+    atomic_write_text(log_path, ''.join(json.dumps(r) + '\n' for r in rows))
+    write_metrics_csv(log_path, csv_path)
+    return rows
+
 # %% ../nbs/10_distill.ipynb #138ed88e
 @dataclass
 class TrainResult:
@@ -599,6 +618,17 @@ def step_budget(batches_per_epoch: int, # optimizer steps in one pass over the s
     if batches_per_epoch < 1: raise SidclipError("The training set gives no batch: add images, or lower batch_size.")
     epochs = max(epochs, math.ceil(min_steps / batches_per_epoch))
     return epochs, epochs * batches_per_epoch
+
+# %% ../nbs/10_distill.ipynb #20bd996d
+def train_budget(n_items: int,    # images in the training set
+                 batch_size: int, # images per optimizer step
+                 epochs: int,     # the configured passes
+                 min_steps: int = 0, # the floor on optimizer steps
+                ) -> dict:
+    "What `train` does with `n_items` images in one process: {'epochs', 'steps', 'samples'} (samples: images the student is shown)."
+    batches, drop = epoch_batches(n_items, batch_size)
+    epochs, steps = step_budget(batches, epochs, min_steps)
+    return dict(epochs=epochs, steps=steps, samples=epochs * (n_items - drop))
 
 # %% ../nbs/10_distill.ipynb #8d393c83
 def probe_head(student: nn.Module,  # a `Student` with a head
@@ -732,14 +762,13 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg.amp)
     save_every = cfg.save_every or max(1, epochs // 10)
     # -- resume: weights, optimizer, schedule, scaler and every RNG, after checking the settings are the same
-    start, gstep = 0, 0
+    start, gstep, meta = 0, 0, {}
     if ckpt_path is not None:
         meta = _resume_from(checkpoint_candidates(ckdir) if resume is True else [ckpt_path], cfg, student, opt, sched, acc.print)
         start, gstep = meta['epoch'], meta.get('global_step', 0)
         if meta.get('scaler'): scaler.load_state_dict(meta['scaler'])
-        if log and acc.is_main_process and meta.get('metrics') and start not in {r['epoch'] for r in read_jsonl(log)}:
-            append_jsonl(log, meta['metrics'])
     elif resume: acc.print(f"No checkpoint found in {ckdir}: starting from scratch.")
+    if log and acc.is_main_process: rewind_metrics(log, start, meta.get('metrics'))   # the log restarts where the weights do: each epoch once
     if out and acc.is_main_process: atomic_write_json(out/'config.json', {**asdict(cfg), 'run_epochs': epochs, 'run_steps': total, 'probe': probe})
     # -- the loop
     history, ckpt, speeds = [], (latest_checkpoint(ckdir) if ckdir else None), []

@@ -360,9 +360,15 @@ def stage_states(run: Run) -> dict:
         else: out[name] = 'partial' if name in partial and partial[name].exists() else 'to do'
     return out
 
+def _distill_items(run: Run, n_cls: int, per_class: int) -> int:
+    "How many images the distill stage will train on: the split's k shots (n_cls * k before it exists) and the synthetic images it keeps."
+    d, cap = run.cfg.data, run.cfg.distill.synthetic_per_class
+    real = len(run.split.shots(d.k)) if run.shared('split.json').exists() and d.k <= run.split.k else n_cls * d.k
+    return real + n_cls * (per_class if cap is None else min(per_class, cap))
+
 def plan_run(cfg: RunConfig, out: str | Path) -> dict:
-    "What `run_recipe` would do: stage states, synthetic images to make, student training samples, GPU-hours and disk (estimates)."
-    from sidclip_guide.distill import epoch_batches, step_budget
+    "What `run_recipe` would do: stage states, synthetic images to make, student steps and training samples (by `train`'s own rule), GPU-hours and disk (estimates)."
+    from sidclip_guide.distill import train_budget
     from sidclip_guide.generate import read_manifest, prompt_config
     from sidclip_guide.prompts import build_prompts
     run = Run(cfg, out); cfg, s, d = run.cfg, run.cfg.synth, run.cfg.distill
@@ -372,12 +378,13 @@ def plan_run(cfg: RunConfig, out: str | Path) -> dict:
     have = len(read_manifest(run.shared('synth'))) if run.shared('synth', 'manifest.jsonl').exists() else 0
     images = None if n_cls is None else n_cls * per_class
     todo = None if images is None else max(images - have, 0)
-    train_n = None if n_cls is None else images + n_cls * cfg.data.k
-    steps = None if not train_n else step_budget(epoch_batches(train_n, d.batch_size)[0], d.epochs, d.min_steps)[1]
+    train_n = None if n_cls is None else _distill_items(run, n_cls, per_class)
+    budget = train_budget(train_n, d.batch_size, d.epochs, d.min_steps) if train_n else {}
     side = s.image_size or (512 if s.generator == 'kandinsky' else 1024 if s.generator == 'sdxl-lcm' else 32)
     est = lambda x, f: None if x is None else f(x)
     return dict(out=str(Path(out).resolve()), stages=stage_states(run), classes=n_cls, synthetic_per_class=per_class,
-                synthetic_images=images, synthetic_to_make=todo, student_steps=steps, student_samples=est(steps, lambda n: n * d.batch_size),
+                synthetic_images=images, synthetic_to_make=todo, student_images=train_n, student_steps=budget.get('steps'),
+                student_samples=budget.get('samples'),
                 synth_gpu_hours=est(todo, lambda n: round(n * GPU_S_PER_IMAGE.get(s.generator, 0) / 3600, 2)),
                 synth_disk_gb=est(images, lambda n: round(n * side * side * BYTES_PER_IMAGE[s.ext] / 1e9, 2)))
 
@@ -387,7 +394,7 @@ def format_plan(plan: dict) -> str:
     v = lambda k, unit='': 'unknown (the dataset is not on disk yet)' if plan[k] is None else f'{plan[k]:,}{unit}'
     lines += [f"classes: {v('classes')}; synthetic images: {v('synthetic_images')} ({plan['synthetic_per_class']} per class), still to make: {v('synthetic_to_make')}",
               f"synthesis: ~{v('synth_gpu_hours', ' GPU-hours')} (rough A100 figures), ~{v('synth_disk_gb', ' GB')} on disk",
-              f"student: {v('student_steps')} optimizer steps, {v('student_samples')} training samples"]
+              f"student: {v('student_images')} training images, {v('student_steps')} optimizer steps, {v('student_samples')} training samples"]
     return '\n'.join(lines)
 
 # %% ../nbs/14_recipe.ipynb #324e1e1c

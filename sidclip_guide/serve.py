@@ -48,6 +48,7 @@ IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 def read_image(path) -> 'PIL.Image.Image':
     "Open an image file completely as RGB, or raise a one-line `SidclipError` naming it."
     from PIL import Image
+    if not Path(path).exists(): raise SidclipError(f"{path} does not exist: check the path.")
     try:
         with Image.open(path) as im: im.load(); return im.convert('RGB')
     except (OSError, ValueError, Image.DecompressionBombError) as e:

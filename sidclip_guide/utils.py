@@ -12,9 +12,10 @@ from typing import Any, Iterable
 import numpy as np
 
 # %% auto #0
-__all__ = ['SidclipError', 'os_error_message', 'require', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'atomic_save_image', 'read_jsonl', 'append_jsonl', 'slugify', 'config_to_dict', 'config_from_dict',
-           'read_config_file', 'config_yaml', 'stable_seed', 'seed_everything', 'get_device', 'cpu_threads']
+__all__ = ['LOCK_FILE', 'LOCK_INFO', 'SidclipError', 'os_error_message', 'require', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'atomic_save_image', 'read_jsonl', 'append_jsonl', 'launch_rank', 'run_folder_lock',
+           'slugify', 'config_to_dict', 'config_from_dict', 'read_config_file', 'config_yaml', 'stable_seed',
+           'seed_everything', 'get_device', 'cpu_threads']
 
 # %% ../nbs/00_utils.ipynb #a6cb8538
 class SidclipError(ValueError):
@@ -127,6 +128,46 @@ def append_jsonl(path: str | Path,        # manifest file (created if missing)
     payload = ''.join(json.dumps(r, sort_keys=False) + '\n' for r in records)
     with open(path, 'a', encoding='utf-8') as f:
         f.write(payload); f.flush(); os.fsync(f.fileno())
+
+# %% ../nbs/00_utils.ipynb #14be2870
+LOCK_FILE = '.sidclip.lock'         # the OS-locked (empty) file a run folder's writer holds; it stays in the folder
+LOCK_INFO = '.sidclip.lock.json'    # who holds it (pid, host, command, since); removed when the holder lets go
+
+def launch_rank() -> int:
+    "This process's rank in a multi-process launch (torchrun, accelerate launch, mpirun); 0 outside one."
+    for k in ('RANK', 'OMPI_COMM_WORLD_RANK', 'PMI_RANK'):
+        if os.environ.get(k, '').isdigit(): return int(os.environ[k])
+    return 0
+
+# %% ../nbs/00_utils.ipynb #2d0e7a5a
+def _lock_holder(out: Path) -> str:
+    "Who holds `out`'s lock, as its lock-info file says."
+    try: i = json.loads((out/LOCK_INFO).read_text())
+    except (OSError, ValueError): return 'another process (it has not written its name yet)'
+    return f"pid {i.get('pid')} on {i.get('host')} since {i.get('since')} (`{i.get('command')}`)"
+
+@contextlib.contextmanager
+def run_folder_lock(out: str | Path,            # the run folder (created if missing)
+                    command: str | None = None, # what this process runs, for a second writer's message (default: sys.argv)
+                    main: bool | None = None,   # take the lock (None: yes, unless this is rank > 0 of a launch, whose rank 0 holds it)
+                   ):
+    "Be the only writer of `out` inside the block; a second writer gets a one-line `SidclipError` naming the first."
+    import sys, socket, datetime, filelock
+    out = Path(out)
+    if main is None: main = launch_rank() == 0
+    if not main: yield None; return
+    out.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(out/LOCK_FILE, timeout=0)   # the kernel frees it when this process dies, even by kill -9
+    try: lock.acquire()
+    except filelock.Timeout:
+        raise SidclipError(f"{out} is in use by {_lock_holder(out)}: wait for it to finish or stop it (a killed one frees the folder by itself), or use another --out.") from None
+    try:
+        for t in out.glob(f'.{LOCK_INFO}.*.tmp'): t.unlink(missing_ok=True)   # a killed holder's half-written label
+        now = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+        yield atomic_write_json(out/LOCK_INFO, dict(pid=os.getpid(), host=socket.gethostname(), command=command or ' '.join(sys.argv), since=now))
+    finally:
+        (out/LOCK_INFO).unlink(missing_ok=True)
+        lock.release()
 
 # %% ../nbs/00_utils.ipynb #7adbea5d
 def slugify(name: str, # any class name

@@ -66,3 +66,49 @@ def test_out_that_is_a_file_is_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     assert 'a file stands where a folder should be' in r.stderr and str(f) in r.stderr and 'Traceback' not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+def test_second_writer_is_refused_and_a_killed_one_frees_the_folder(tmp_path):
+    """Two real processes on one --out: while a `sidclip distill` runs, a second one (and `synth`, `run`) is refused with a
+    line naming the first (pid, host, command, since); `run --dry-run` only reads and goes ahead. After `kill -9` of the
+    first, the kernel has released its lock: the same command again proceeds (and continues its run)."""
+    import json, signal
+    out = tmp_path/'run'
+    first = subprocess.Popen([sys.executable, '-m', 'sidclip_guide', 'distill', '--tiny', '--out', str(out), '--epochs', '2000', '--quiet'],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (out/'.sidclip.lock.json').exists():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.time() - t0 < 300, 'the first process never took the lock'
+            time.sleep(0.1)
+        held = json.loads((out/'.sidclip.lock.json').read_text())
+        assert held['pid'] == first.pid and 'sidclip distill --tiny --out' in held['command'] and held['since'], held
+        r = sidclip('distill', '--tiny', '--out', str(out), '--epochs', '1', '--quiet')
+        assert r.returncode == 2, r.stderr
+        line = r.stderr.strip()
+        assert len(line.splitlines()) == 1 and 'Traceback' not in line, r.stderr
+        assert f'{out} is in use by pid {first.pid} on {held["host"]} since {held["since"]}' in line and '--epochs 2000' in line, line
+        assert sidclip('synth', '--classes', 'a,b', '--out', str(out), '--generator', 'noise', '--mode', 'text', '--quiet').returncode == 2
+        assert sidclip('run', 'tiny', '--out', str(out), '--quiet').returncode == 2
+        assert sidclip('run', 'tiny', '--out', str(out), '--dry-run').returncode == 0          # reads only
+        assert first.poll() is None, 'the first process ended before the checks were done: make it longer'
+    finally:
+        os.killpg(first.pid, signal.SIGKILL); first.wait()
+    assert (out/'.sidclip.lock.json').exists()                                                  # the killed holder's label stays...
+    r = sidclip('distill', '--tiny', '--out', str(out), '--epochs', '2000', '--stop-after', '1', '--quiet')   # ...but does not block
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out/'.sidclip.lock.json').exists()                                              # released at the end
+
+
+def test_torchrun_shards_share_the_lock(tmp_path):
+    "Only rank 0 of a launch takes the lock (RANK=1 skips it), so the shards of one torchrun synthesis are not refused by each other."
+    code = ("import os, sys\nfrom sidclip_guide.utils import run_folder_lock\n"
+            f"with run_folder_lock({str(tmp_path)!r}, 'rank 0'):\n"
+            "    os.environ['RANK'] = '1'\n"
+            f"    with run_folder_lock({str(tmp_path)!r}) as info: assert info is None\n"
+            "    os.environ['RANK'] = '0'\n"
+            "    try:\n"
+            f"        with run_folder_lock({str(tmp_path)!r}): sys.exit('a second rank 0 got the lock')\n"
+            "    except Exception as e: assert 'in use by pid' in str(e), e\n")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr

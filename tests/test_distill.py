@@ -269,6 +269,7 @@ def test_resume_skips_a_truncated_checkpoint_and_manifest(toy, capsys):
     said = capsys.readouterr().out
     assert 'ckpt-0002.safetensors cannot be read' in said and 'Resumed from ckpt-0001.safetensors' in said
     assert [h['epoch'] for h in r.history] == [2, 3]
+    assert [json.loads(l)['epoch'] for l in (out / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]   # epoch 2 once, not twice
     assert not list(ck.glob('.*.tmp'))                                   # orphans are swept by the next checkpoint write
     assert read_checkpoint_manifest(ck)['latest']['epoch'] == 3
     # a truncated student file is a one-line error naming it, not a traceback
@@ -300,3 +301,32 @@ def test_contrastive_losses_train_alone(toy, loss):
         assert 0 < row['tau'] < 1
         from sidclip_guide.distill import load_student
         assert load_student(out).contrastive_tau is not None
+
+
+def test_cli_rerun_after_a_truncated_checkpoint_equals_uninterrupted(tmp_path, capsys):
+    """A run stopped after its first checkpoint (as a kill -9 there leaves it), rerun (it continues), then its newest checkpoint
+    truncated to half and the same command again: the fallback to the one before is named, and every file ends as in an
+    uninterrupted run: the weights, and metrics.jsonl and metrics.csv with each epoch once."""
+    import csv
+    from safetensors.torch import load_file
+    from sidclip_guide.cli import main
+    cmd = ['distill', '--tiny', '--seed', '1', '--epochs', '2', '--quiet']
+    ref, out = tmp_path / 'ref', tmp_path / 'run'
+    assert main([*cmd, '--out', str(ref)]) == 0
+    assert main([*cmd, '--out', str(out), '--stop-after', '1']) == 0
+    assert main([*cmd, '--out', str(out)]) == 0
+    ck = out / 'checkpoints' / 'ckpt-0002.safetensors'
+    ck.write_bytes(ck.read_bytes()[:ck.stat().st_size // 2])
+    capsys.readouterr()
+    assert main([*cmd, '--out', str(out)]) == 0
+    assert 'Resumed from ckpt-0001.safetensors' in capsys.readouterr().out
+    a, b = load_file(str(ref / 'student.safetensors')), load_file(str(out / 'student.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = {'seconds', 'samples_per_s'}
+    def rows(run):
+        jl = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in (run / 'metrics.jsonl').read_text().splitlines()]
+        cs = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader((run / 'metrics.csv').open())]
+        return jl, cs
+    (jl, cs), (ref_jl, ref_cs) = rows(out), rows(ref)
+    assert [r['epoch'] for r in jl] == [1, 2] and [r['epoch'] for r in cs] == ['1', '2']
+    assert jl == ref_jl and cs == ref_cs

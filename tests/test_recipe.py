@@ -162,3 +162,20 @@ def test_each_setting_is_declared_once(cmd, cls, prefix):
     helps = {o: a.help for a in sub._actions for o in a.option_strings}
     by_hand = [fl for name, fl, doc in _flags(cls, prefix, docs=True) if name not in skip and not (helps[fl] or '').startswith(doc)]
     assert not by_hand, f'{cmd}: flags not derived from {cls.__name__} (their help is not the field comment): {by_hand}'
+
+
+@pytest.mark.parametrize('k', [2, 4])
+def test_dry_run_numbers_are_what_the_run_does(tmp_path, capsys, k):
+    "`sidclip run tiny --dry-run` predicts the distill stage's images, optimizer steps and training samples; the run then does exactly that (2 and 4 shots differ)."
+    from sidclip_guide.cli import main
+    from sidclip_guide.distill import read_metrics
+    args = ['run', 'tiny', '--stages', 'split,synth,teacher,distill', '--data.k', str(k), '--out', str(tmp_path / 'run'), '--quiet']
+    assert main([*args, '--dry-run']) == 0
+    plan = re.search(r'student: (\d+) training images, (\d+) optimizer steps, (\d+) training samples', capsys.readouterr().out)
+    assert plan, 'no student line in the plan'
+    images, steps, samples = map(int, plan.groups())
+    assert samples == 2 * (3 * (4 + k))                         # 2 epochs of 3 classes x (4 synthetic + k shots)
+    assert main(args) == 0
+    rows = read_metrics(tmp_path / 'run' / 'distill' / 'metrics.jsonl')
+    summary = yaml.safe_load((tmp_path / 'run' / 'stages' / 'distill.json').read_text())['summary']
+    assert (images, steps, samples) == (summary['images'], rows[-1]['step'], sum(r['samples'] for r in rows))
