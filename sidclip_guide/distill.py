@@ -22,16 +22,16 @@ from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
 
 # %% auto #0
-__all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES', 'DistillConfig',
-           'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler', 'SeededAugment',
-           'make_scheduler', 'batch_loss', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state',
-           'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest', 'latest_checkpoint', 'checkpoint_candidates',
-           'load_checkpoint', 'evaluate_top1', 'read_metrics', 'write_metrics_csv', 'plot_metrics', 'rewind_metrics',
-           'TrainResult', 'check_class_lists', 'item_ids', 'teacher_outputs', 'set_train_mode', 'param_groups',
-           'epoch_batches', 'step_budget', 'train_budget', 'probe_head', 'mix_batch', 'train',
-           'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher', 'make_student', 'TeacherConfig',
-           'teacher_head', 'feature_teacher', 'build_teacher', 'save_student', 'load_student', 'pretrained_student',
-           'recipe_changes']
+__all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'KD_T', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES',
+           'DistillConfig', 'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler',
+           'SeededAugment', 'make_scheduler', 'kd_temperature', 'batch_loss', 'flatten_optimizer_state',
+           'unflatten_optimizer_state', 'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest',
+           'latest_checkpoint', 'checkpoint_candidates', 'load_checkpoint', 'evaluate_top1', 'read_metrics',
+           'write_metrics_csv', 'plot_metrics', 'rewind_metrics', 'TrainResult', 'check_class_lists', 'item_ids',
+           'teacher_outputs', 'set_train_mode', 'param_groups', 'epoch_batches', 'step_budget', 'train_budget',
+           'probe_head', 'mix_batch', 'train', 'pretrain_feature_distill', 'finetune_feature_distill', 'make_teacher',
+           'make_student', 'TeacherConfig', 'teacher_head', 'feature_teacher', 'build_teacher', 'save_student',
+           'load_student', 'pretrained_student', 'recipe_changes']
 
 # %% ../nbs/10_distill.ipynb #152dd670
 LOSS_READS = {   # what each loss of the `LOSSES` registry (below) reads: the teacher's outputs, labels, the student's projection in the teacher's space
@@ -50,7 +50,7 @@ class DistillConfig:
     "Everything that defines a distillation run. KD form, T-softening and RandAugment are SIDCLIP's; the few-shot numbers are this library's own, chosen on real photos (see the benchmark section)."
     loss: str = 'kd'                 # 'kd' (SIDCLIP), 'l2' (Popp), 'ce' (no distillation), 'l2+clip', 'l2+mp', 'l2+contrastive', or Popp's 'clip' / 'mp' / 'contrastive' (image, learnable τ) alone
     alpha: float = 0.9               # KD weight α in α·T²·KL + (1−α)·CE, in [0, 1] (papers give none: library's choice)
-    T: float = 4.0                   # KD temperature, > 0 (papers give none: library's choice)
+    T: float | None = None           # KD temperature, > 0; None: `kd_temperature`'s rule, 4 on the shots (and synthetic images), 1 on a set of mostly transfer photos (papers give none: library's choice)
     aux_weight: float = 1.0          # weight of the CLIP / multi-positive / image contrastive term in 'l2+clip' / 'l2+mp' / 'l2+contrastive'
     epochs: int = 10                 # passes over the distillation set (at least; see min_steps)
     min_steps: int = 100             # at least this many optimizer steps: tiny few-shot sets get more epochs, large sets are unaffected
@@ -107,7 +107,7 @@ class DistillConfig:
         def bad(field, why): raise SidclipError(f"DistillConfig.{field}={getattr(self, field)!r} {why}")
         if self.loss not in LOSS_NAMES: bad('loss', f"is unknown: use one of {LOSS_NAMES}.")
         if not 0.0 <= self.alpha <= 1.0: bad('alpha', "is outside [0, 1]: α weighs KD against CE, e.g. 0.9.")
-        if not self.T > 0: bad('T', "must be > 0 (the KD temperature, e.g. 4).")
+        if self.T is not None and not self.T > 0: bad('T', "must be > 0 (the KD temperature, e.g. 4; or None for the library's rule).")
         for k, ok in [('augment', tuple(AUGMENTS)), ('schedule', ('cosine', 'constant')), ('amp', ('no', 'bf16', 'fp16')), ('init', ('text', 'none')),
                       ('bn', ('frozen', 'train')), ('head_init', ('auto', 'probe', 'keep'))]:
             if getattr(self, k) not in ok: bad(k, f"is unknown: use one of {ok}.")
@@ -240,6 +240,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, # the optimizer to schedule
     if schedule == 'constant': return get_constant_schedule_with_warmup(optimizer, warmup)
     raise SidclipError(f"Unknown schedule {schedule!r}: use 'cosine' or 'constant'.")
 
+# %% ../nbs/10_distill.ipynb #895ccaed
+KD_T = {'labelled': 4.0, 'unlabelled': 1.0}   # the KD temperature where most of the set is labelled / unlabelled (Beyer et al.: 1)
+
+def kd_temperature(labels: Sequence[int] | torch.Tensor, # the labels of the distillation set (-1: unlabelled)
+                  ) -> float:
+    "The library's KD temperature for a set: 4 where most items are labelled, 1 where most are unlabelled transfer photos."
+    y = torch.as_tensor(labels)
+    return KD_T['unlabelled'] if y.numel() and (y < 0).float().mean() > 0.5 else KD_T['labelled']
+
 # %% ../nbs/10_distill.ipynb #4ce05533
 def _ce_loss(cfg, s_out, t_out, labels, student) -> dict:
     "Cross-entropy over the labelled items (label >= 0); zero if there are none."
@@ -251,7 +260,8 @@ def _kd_loss(cfg, s_out, t_out, labels, student) -> dict:
     "SIDCLIP's Hinton KD (`losses.kd_loss`); unlabelled items (-1) get the KD term only."
     from sidclip_guide.losses import kd_loss
     if s_out.get('logits') is None or t_out.get('logits') is None: raise SidclipError("loss='kd' needs class logits from both student and teacher: give both a head.")
-    return kd_loss(s_out['logits'], t_out['logits'], labels, alpha=cfg.alpha, T=cfg.T, ignore_index=-1)
+    T = cfg.T if cfg.T is not None else kd_temperature(labels)          # `train` fixes it once for the whole set
+    return kd_loss(s_out['logits'], t_out['logits'], labels, alpha=cfg.alpha, T=T, ignore_index=-1)
 
 def _feature_pair(s_out, t_out):
     "The student's vector in the teacher's space (its projection if any) and the teacher's embedding."
@@ -721,6 +731,8 @@ def train(student: nn.Module,            # returns dict(logits, embeds, proj) on
     from tqdm import tqdm
     # -- checks, before any compute
     cfg.validate()
+    if cfg.T is None and cfg.loss == 'kd':   # the library's rule, fixed once from the whole set (and stored in its checkpoints)
+        cfg = replace(cfg, T=kd_temperature([int(it[1]) for it in getattr(train_ds, 'items', [])]))
     if len(train_ds) == 0: raise SidclipError("The distillation set is empty: add real shots or synthetic images.")
     if cfg.needs_teacher and teacher is None: raise SidclipError(f"loss={cfg.loss!r} needs a teacher: pass one, or use loss='ce'.")
     check_class_lists(student, teacher)

@@ -361,10 +361,12 @@ def stage_states(run: Run) -> dict:
     return out
 
 def _distill_items(run: Run, n_cls: int, per_class: int) -> int:
-    "How many images the distill stage will train on: the split's k shots (n_cls * k before it exists) and the synthetic images it keeps."
-    d, cap = run.cfg.data, run.cfg.distill.synthetic_per_class
+    "How many images the distill stage will train on: the split's k shots (n_cls * k before it exists), the synthetic images it keeps and the transfer photos (at most)."
+    from sidclip_guide.transfer import list_images
+    d, dc = run.cfg.data, run.cfg.distill
     real = len(run.split.shots(d.k)) if run.shared('split.json').exists() and d.k <= run.split.k else n_cls * d.k
-    return real + n_cls * (per_class if cap is None else min(per_class, cap))
+    transfer = sum(len(list_images(f)) for f in dc.images)            # before duplicates, shots and the teacher's filter are taken out
+    return real + n_cls * (per_class if dc.synthetic_per_class is None else min(per_class, dc.synthetic_per_class)) + min(transfer, dc.images_max if dc.images_max is not None else transfer)
 
 def plan_run(cfg: RunConfig, out: str | Path) -> dict:
     "What `run_recipe` would do: stage states, synthetic images to make, student steps and training samples (by `train`'s own rule), GPU-hours and disk (estimates)."
