@@ -19,7 +19,8 @@ py_versions = '3.9 3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
 deploy_requirements = shlex.split(cfg.get('deploy_requirements', ''))   # `sidclip export` / `sidclip predict`
-dev_requirements = shlex.split(cfg.get('dev_requirements', '')) + deploy_requirements
+lite_requirements = shlex.split(cfg.get('lite_requirements', ''))       # the ImageNet weights of `sidclip run imagefolder lite-cpu`
+dev_requirements = shlex.split(cfg.get('dev_requirements', '')) + deploy_requirements + lite_requirements
 lic = licenses[cfg['license'].lower()]
 min_python = cfg['min_python']
 console_scripts = cfg.get('console_scripts', '').split()
@@ -36,7 +37,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'deploy': deploy_requirements, 'export': deploy_requirements},
+    extras_require={'dev': dev_requirements, 'deploy': deploy_requirements, 'export': deploy_requirements, 'lite': lite_requirements},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -287,7 +287,7 @@ def distill_args(p: argparse.ArgumentParser, argv: typing.Sequence[str] = ()):
     teacher_flags(p)
     p.add_argument('--student', default=None, help='student CLIP config (default sidclip-enb0)')
     p.add_argument('--student-pretrained', default=None, help='student weights tag or file (default: random init)')
-    p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student')
+    p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the --init none student (or lite:lite0: ImageNet EfficientNet-Lite0 from the `lite` extra\'s wheel)')
     p.add_argument('--init-head', default=None, choices=['text', 'text-category', 'popp', 'random'], help="the caption whose text embedding sets each class's head row (the CLIP / multi-positive anchors): text ('A photo of {c}.', SIDCLIP), text-category, popp ('a photo of a {c}, which is a type of {category}.'), random (default: popp with --recipe popp, else text)")
     p.add_argument('--init-from', default=None, help='a `sidclip pretrain` folder: start from its feature-distilled student, head from the teacher\'s ("+I")')
     p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")

@@ -17,8 +17,8 @@ from .utils import SidclipError, atomic_write_text, atomic_save_image, stable_se
 
 # %% auto #0
 __all__ = ['FLOWERS102_CLASSES', 'DATASETS', 'FORMAT', 'FORMAT_VERSION', 'DatasetInfo', 'load_dataset', 'load_train_test',
-           'toy_image', 'make_toy_dataset', 'FewShotSplit', 'make_fewshot_split', 'save_split', 'load_split',
-           'check_split_files', 'from_coop_split', 'to_tensor01', 'ImageListDataset', 'train_transform',
+           'first_classes', 'toy_image', 'make_toy_dataset', 'FewShotSplit', 'make_fewshot_split', 'save_split',
+           'load_split', 'check_split_files', 'from_coop_split', 'to_tensor01', 'ImageListDataset', 'train_transform',
            'eval_transform']
 
 # %% ../nbs/01_data.ipynb #294218de
@@ -150,6 +150,15 @@ def load_train_test(name: str,              # as `load_dataset`
     for d in (info, test):
         if category and d is not None: d.category = category
     return info, test
+
+# %% ../nbs/01_data.ipynb #c7594168
+def first_classes(info: DatasetInfo, # a loaded dataset (pool or test set)
+                  n: int,            # how many classes to keep, >= 1
+                 ) -> DatasetInfo:
+    "The dataset cut to its first `n` classes in label order (and their images)."
+    if not 1 <= n <= len(info.class_names):
+        raise SidclipError(f"classes={n}: {info.root or info.name} has {len(info.class_names)} classes; keep between 1 and {len(info.class_names)}.")
+    return DatasetInfo([(p, y) for p, y in info.items if y < n], list(info.class_names[:n]), info.category, info.root, info.name)
 
 # %% ../nbs/01_data.ipynb #894be1fb
 _SHAPES = ['circle', 'square', 'triangle', 'cross', 'diamond', 'bar']

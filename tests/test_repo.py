@@ -86,7 +86,7 @@ def test_every_import_is_declared():
     from importlib.metadata import packages_distributions
     cfg = configparser.ConfigParser(); cfg.read(ROOT/'settings.ini')
     norm = lambda s: re.sub(r'[-_.]+', '-', s).lower()
-    declared = {norm(re.split(r'[<>=!~\[ ;]', r, 1)[0]) for key in ('requirements', 'deploy_requirements')
+    declared = {norm(re.split(r'[<>=!~\[ ;]', r, 1)[0]) for key in ('requirements', 'deploy_requirements', 'lite_requirements')
                 for r in cfg['DEFAULT'][key].split()}
     dists = {m: {norm(d) for d in ds} for m, ds in packages_distributions().items()}
     undeclared = {}
