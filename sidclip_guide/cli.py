@@ -372,7 +372,8 @@ def pretrain_args(p: argparse.ArgumentParser):
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the student tower (default: efficientnet_b0, as SIDCLIP)')
     p.add_argument('--student-pretrained', default=None, help="the tower's starting weights: a local weights file (default: random init)")
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to DistillConfig.popp(epochs=1) (the flags override it)')
-    config_arguments(p, DistillConfig, skip={'out_dir', 'progress', 'loss', 'init'}, given_only=True)
+    config_arguments(p, DistillConfig, skip={'out_dir', 'progress', 'loss', 'init', 'images', 'images_max', 'images_min_confidence', 'synthetic_filter'},
+                     given_only=True)   # --images is the folder itself here; the transfer-set settings are distill's
     run_folder_flags(p, 'folder of the pretrained student (student.safetensors, student.json, checkpoints/, metrics)',
                      'offline smoke mode: the tiny random CLIP teacher and a tiny timm tower, 32 px')
     p.set_defaults(func=_pretrain_cmd)
