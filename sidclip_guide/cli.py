@@ -293,8 +293,9 @@ def distill_args(p: argparse.ArgumentParser, argv: typing.Sequence[str] = ()):
     p.add_argument('--recipe', default='sidclip', choices=sorted(RECIPES), help="settings preset the flags below change: sidclip (KD, the library's few-shot defaults) or popp (L2 feature distillation, Popp et al.)")
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to the --recipe preset (the flags override it)')
     config_arguments(p, DistillConfig, skip={'out_dir', 'progress', 'images'}, aliases={'use_synthetic': ['--synthetic']}, given_only=True, base=RECIPES[recipe]())
-    p.add_argument('--images', action='append', metavar='DIR', default=argparse.SUPPRESS,
-                   help='a folder of unlabelled transfer photos (searched recursively) that the teacher labels, KD term only; repeat for more folders')
+    from fastcore.docments import docments
+    p.add_argument('--images', action='append', metavar='DIR', default=argparse.SUPPRESS,   # one folder per flag: repeat it for more
+                   help=docments(DistillConfig)['images'] + '; one folder per --images, repeat for more')
     p.add_argument('--no-teacher-cache', action='store_true', help='do not cache teacher outputs per (image, augmentation seed) in memory')
     run_folder_flags(p, 'run folder (checkpoints/, metrics.jsonl/.csv/.png, student.safetensors)',   # --device is DistillConfig's (None: the best available)
                      'offline smoke mode: tiny random CLIP teacher and student, toy data if no --split')
@@ -345,12 +346,12 @@ def _distill_cmd(args: argparse.Namespace) -> int:
                                init_from=args.init_from, teacher=teacher)
         ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class, cfg.images, cfg.images_max,
                                    teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed)
-        if PartialState().is_main_process: atomic_write_json(out/'distill_set.json', ds.record)   # what went into the set: counts, kept fraction per class
         test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
         res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
                     resume=_resume_or_restart(out, args.resume, args.restart), stop_after=args.stop_after)
         if PartialState().is_main_process:
             save_student(res.student, out, student.spec)
+            atomic_write_json(out/'distill_set.json', ds.record)   # what went into the set: counts, kept fraction per class (after train: a PartialState made before it would hide the launch)
             save_split(split, out/'split.json')     # the run's photos: `sidclip export` checks the export on them and scores int8 on the test set
             last = {}
             if (out/'metrics.jsonl').exists(): plot_metrics(out/'metrics.jsonl', out/'metrics.png'); last = read_metrics(out/'metrics.jsonl')[-1]
@@ -359,7 +360,7 @@ def _distill_cmd(args: argparse.Namespace) -> int:
                   f"loss {last.get('loss', float('nan')):.4f}; student -> {out/'student.safetensors'}")
             if last.get('test_top1') is not None:
                 t = last.get('teacher_top1')
-                print(f"distill: test top-1 {100 * last['test_top1']:.1f} % student" + (f", {100 * t:.1f} % teacher ({100 * (last['test_top1'] - t):+.1f} points)" if t is not None else ''))
+                print(f"         test top-1 {100 * last['test_top1']:.1f} % student" + (f", {100 * t:.1f} % teacher ({100 * (last['test_top1'] - t):+.1f} points)" if t is not None else ''))
         return 0
 
 # %% ../nbs/90_cli.ipynb #d809ec89
