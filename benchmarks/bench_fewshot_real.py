@@ -95,6 +95,19 @@ def plain_kd(teacher: nn.Module, items: list, n_classes: int, steps: int, batch:
     return Wrapped(net.eval())
 
 
+# ------------------------------------------------------------------------------------------------ frozen features, once
+def frozen_features(pool, test, image_size: int, teacher_size: int) -> dict:
+    "Both encoders and their frozen features on the pool and the test set (None without one): the teacher head and the frozen probe reuse them for every (k, seed)."
+    tenc = lite_image_encoder('lite2', teacher_size).to(memory_format=torch.channels_last)
+    senc = lite_image_encoder('lite0', image_size).to(memory_format=torch.channels_last)
+    feats = {'teacher_enc': tenc, 'pool_paths': [p for p, _ in pool.items]}
+    for key, enc in (('teacher', tenc), ('student', senc)):
+        feats[key] = tuple(None if items is None else
+                           extract_features(enc, ImageListDataset(items, eval_transform(enc.image_size)), 64, 'cpu', progress=False)[0]
+                           for items in (pool.items, test.items if test else None))
+    return feats
+
+
 # ------------------------------------------------------------------------------------------------ one (k, seed) cell
 def _top1(logits, y): return float((logits.argmax(-1) == y).float().mean())
 
@@ -202,18 +215,10 @@ def main(argv=None):
     pool, test = load_data(Path(a.data), a.classes)
     print(f"{Path(a.data).name}: {len(pool.class_names)} classes, {len(pool.items)} pool / {len(test.items) if test else 'left-over'} test images; "
           f"student Lite0 @{a.image_size}, teacher Lite2 @{a.teacher_size}; k {a.shots}, seeds {a.seeds}", flush=True)
-    # frozen features of both networks, once: the teacher head and the frozen probe reuse them for every (k, seed)
-    tenc = lite_image_encoder('lite2', a.teacher_size).to(memory_format=torch.channels_last)
-    senc = lite_image_encoder('lite0', a.image_size).to(memory_format=torch.channels_last)
-    test_items = test.items if test else None
-    feats = {'teacher_enc': tenc, 'pool_paths': [p for p, _ in pool.items]}
-    for key, enc in (('teacher', tenc), ('student', senc)):
-        fp = extract_features(enc, ImageListDataset(pool.items, eval_transform(enc.image_size)), 64, 'cpu', progress=False)[0]
-        if test_items is None: feats[key] = (fp, None); continue
-        fe = extract_features(enc, ImageListDataset(test_items, eval_transform(enc.image_size)), 64, 'cpu', progress=False)[0]
-        feats[key] = (fp, fe)
+    feats = frozen_features(pool, test, a.image_size, a.teacher_size)
     print(f"features: {time.time() - t_start:.0f} s", flush=True)
     if a.pretrain:
+        tenc = feats['teacher_enc']
         cache = Path(os.environ.get('XDG_CACHE_HOME', Path.home()/'.cache'))/'sidclip-bench'/f"lite0-fd-{Path(a.pretrain).name}-{a.pretrain_epochs}ep-{a.image_size}px"
         feats['pretrained'] = pretrain_lite0(Path(a.pretrain), cache, tenc, a.image_size, a.pretrain_epochs)
     # cells run seed by seed (every k of seed 1 first), and each finished cell is saved: a rerun of the same command continues

@@ -30,12 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO/'benchmarks'))
 from sidclip_guide.utils import SidclipError, atomic_write_text, stable_seed
 from sidclip_guide.data import load_dataset, make_fewshot_split, ImageListDataset, eval_transform
-from sidclip_guide.evaluate import extract_features, linear_probe
+from sidclip_guide.evaluate import linear_probe
 from sidclip_guide.student import lite_image_encoder, timm_student
 from sidclip_guide.teacher import Teacher
 from sidclip_guide.transfer import list_images
 from sidclip_guide.distill import DistillConfig, train, build_distill_dataset, evaluate_top1
-from bench_fewshot_real import load_data, run_cell, table, _top1
+from bench_fewshot_real import load_data, frozen_features, run_cell, table, _top1
 
 BASE = ('teacher', 'frozen probe', 'plain KD', 'library')   # the shots-only rows
 
@@ -119,12 +119,7 @@ def main(argv=None):
     t_start = time.time()
     pool, test = load_data(Path(a.data), a.classes)
     if test is None: raise SidclipError(f"{a.data} has no train/ and test/ folders: this benchmark needs a held-out test folder.")
-    tenc = lite_image_encoder('lite2', a.teacher_size).to(memory_format=torch.channels_last)
-    senc = lite_image_encoder('lite0', a.image_size).to(memory_format=torch.channels_last)
-    feats = {'teacher_enc': tenc, 'pool_paths': [p for p, _ in pool.items]}
-    for key, enc in (('teacher', tenc), ('student', senc)):
-        feats[key] = tuple(extract_features(enc, ImageListDataset(items, eval_transform(enc.image_size)), 64, 'cpu', progress=False)[0]
-                           for items in (pool.items, test.items))
+    feats = frozen_features(pool, test, a.image_size, a.teacher_size)
     reuse = json.loads(Path(a.reuse).read_text())['rows'] if a.reuse else []
     out = Path(a.out) if a.out else None
     prior = json.loads(out.read_text()) if out and out.exists() else {'rows': [], 'meta': {}}

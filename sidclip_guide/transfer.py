@@ -44,8 +44,12 @@ def check_no_leak(items: Sequence,      # (path, label) candidates for the disti
                   what: str = 'The transfer images', # how the error names the candidates
                  ) -> None:
     "Raise a `SidclipError` that counts the candidates whose bytes equal a held-out image, and names the first."
+    _refuse_leaks([(p, file_digest(p)) for p, *_ in items], held_out, what)
+
+def _refuse_leaks(digested: Sequence, held_out: Sequence, what: str = 'The transfer images') -> None:
+    "`check_no_leak` for (path, digest) pairs whose digests are already known."
     held = {file_digest(p): p for p, *_ in held_out}
-    hits = [(p, held[d]) for p, *_ in items if (d := file_digest(p)) in held]
+    hits = [(p, held[d]) for p, d in digested if d in held]
     if hits: raise SidclipError(f"{what} hold {len(hits)} test image(s) of the split (e.g. {hits[0][0]} = {hits[0][1]}): "
                                 "remove them from the folder, or pass a folder without the test photos.")
 
@@ -68,8 +72,9 @@ def transfer_items(sources: Sequence,          # folders of unlabelled images, o
     for p in files:
         d = file_digest(p)
         if d in shot_digests: n_shot += 1
-        elif d not in seen: seen.add(d); kept.append(p)
-    check_no_leak([(p, -1) for p in kept], held_out)
+        elif d not in seen: seen.add(d); kept.append((p, d))
+    _refuse_leaks(kept, held_out)                              # the digests just read: each file is hashed once
+    kept = [p for p, _ in kept]
     if max_items is not None and len(kept) > max_items:
         keep = set(random.Random(stable_seed(seed, 'transfer')).sample(range(len(kept)), max_items))
         kept = [p for i, p in enumerate(kept) if i in keep]
