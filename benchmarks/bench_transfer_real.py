@@ -40,9 +40,14 @@ from bench_fewshot_real import load_data, frozen_features, run_cell, table, _top
 BASE = ('teacher', 'frozen probe', 'plain KD', 'library')   # the shots-only rows
 
 
+def split_k(a) -> int:
+    "The k of the drawn split: 8 or the largest --shots, so that every run's k-shot sets are the same nested draws."
+    return max(8, *a.shots)
+
+
 def transfer_sets(a, pool, split, k: int) -> dict:
     "Set name -> list of image paths (unlabelled): in, near and out (as many as `in` at this k), and the in@N caps of the curve."
-    shots = {str(p) for p, _ in split.shots(max(a.shots))}   # the curve leaves out every shot of the largest k: its sets nest across k
+    shots = {str(p) for p, _ in split.shots(split_k(a))}   # the curve leaves out every shot of the largest k: its sets nest across k
     by_class = {}
     for p, y in pool.items: by_class.setdefault(y, []).append(p)
     n_in = len(pool.items) - len(split.shots(k))
@@ -61,7 +66,7 @@ def transfer_sets(a, pool, split, k: int) -> dict:
 
 def base_rows(a, pool, test, feats, k, seed, reuse) -> list[dict]:
     "The shots-only rows: from `reuse` where it holds this cell (teacher top-1 checked), else trained here."
-    split = make_fewshot_split(pool, k=max(a.shots), seed=seed, test_info=test)
+    split = make_fewshot_split(pool, k=split_k(a), seed=seed, test_info=test)
     old = [r for r in reuse if r['k'] == k and r['seed'] == seed and r['method'] in BASE]
     if len(old) == len(BASE):
         tpool, tte = feats['teacher']
@@ -78,7 +83,7 @@ def base_rows(a, pool, test, feats, k, seed, reuse) -> list[dict]:
 
 def transfer_row(a, pool, test, feats, k, seed, name, paths, variant, label) -> dict:
     "Train the library's defaults (with `variant`) on the k shots plus `paths`; one row."
-    split = make_fewshot_split(pool, k=max(a.shots), seed=seed, test_info=test)
+    split = make_fewshot_split(pool, k=split_k(a), seed=seed, test_info=test)
     shots = split.shots(k)
     teacher = Teacher.from_encoder(feats['teacher_enc'], split.class_names, shots, seed=seed)   # the same head fit as the teacher row
     cfg = DistillConfig(image_size=a.image_size, seed=seed, device='cpu', progress=False, **variant)
@@ -133,7 +138,7 @@ def main(argv=None):
     for seed in a.seeds:
         for k in a.shots:
             if not have(k, seed, 'library'): add(base_rows(a, pool, test, feats, k, seed, reuse))
-            sets = transfer_sets(a, pool, make_fewshot_split(pool, k=max(a.shots), seed=seed, test_info=test), k)
+            sets = transfer_sets(a, pool, make_fewshot_split(pool, k=split_k(a), seed=seed, test_info=test), k)
             for name in [*a.sets, *[f'in@{n}' for n in a.curve]]:
                 label = f"library + {name}" + (f" ({a.variant})" if a.variant else '')
                 if not have(k, seed, label): add([transfer_row(a, pool, test, feats, k, seed, name, sets[name], variant, label)])
