@@ -87,13 +87,22 @@ def transfer_row(a, pool, test, feats, k, seed, name, paths, variant, label) -> 
     shots = split.shots(k)
     teacher = Teacher.from_encoder(feats['teacher_enc'], split.class_names, shots, seed=seed)   # the same head fit as the teacher row
     cfg = DistillConfig(image_size=a.image_size, seed=seed, device='cpu', progress=False, **variant)
+    t0 = time.time()
     ds = build_distill_dataset(split, k, transform=cfg.transform(), unlabelled=[paths] if paths else (), teacher=teacher, seed=seed,
-                               min_confidence=cfg.images_min_confidence)
+                               min_confidence=cfg.images_min_confidence, refit_teacher=cfg.images_refit_teacher)
+    t_top1 = _top1(teacher.logits_from_embeds(feats['teacher'][1]), torch.tensor([y for _, y in split.test_items()]))   # after the refit, if any
     st = timm_student(class_names=split.class_names, encoder=lite_image_encoder('lite0', a.image_size))
-    t0 = time.time(); r = train(st, teacher, ds, cfg)
+    r = train(st, teacher, ds, cfg)
     test_ds = ImageListDataset(split.test_items(), eval_transform(a.image_size))
     return dict(k=k, seed=seed, method=label, top1=evaluate_top1(r.student, test_ds, 64), samples=sum(h['samples'] for h in r.history),
-                seconds=round(time.time() - t0, 1), transfer=ds.record['transfer'], set=name)
+                seconds=round(time.time() - t0, 1), transfer=ds.record['transfer'], set=name, teacher_top1=t_top1,
+                teacher_refit=ds.record['teacher_refit'])
+
+
+def teacher_row(r: dict) -> dict | None:
+    "The teacher a transfer row distilled from, as a row of its own, where its head was refitted on the set."
+    if not r.get('teacher_refit', {}).get('refit'): return None
+    return dict(k=r['k'], seed=r['seed'], method=r['method'].replace('library', 'teacher', 1), top1=r['teacher_top1'], samples=0, seconds=0.0)
 
 
 def _typed(kv: str) -> dict:
@@ -141,18 +150,25 @@ def main(argv=None):
             sets = transfer_sets(a, pool, make_fewshot_split(pool, k=split_k(a), seed=seed, test_info=test), k)
             for name in [*a.sets, *[f'in@{n}' for n in a.curve]]:
                 label = f"library + {name}" + (f" ({a.variant})" if a.variant else '')
-                if not have(k, seed, label): add([transfer_row(a, pool, test, feats, k, seed, name, sets[name], variant, label)])
-    print(f"\ntop-1 % on {len(test.items)} test photos, mean ± std over seeds (student training samples):\n{table(rows, a.shots)}\n\n"
+                if not have(k, seed, label):
+                    r = transfer_row(a, pool, test, feats, k, seed, name, sets[name], variant, label)
+                    add([r] + [t for t in [teacher_row(r)] if t])
+    print(f"\ntop-1 % on {len(test.items)} test photos, mean ± std over seeds (student training samples):\n{table(rows, ks(rows))}\n\n"
           f"wall time {(time.time() - t_start) / 60:.1f} min")
     if out: save(out, a, pool, rows, time.time() - t_start)
 
 
 def save(out: Path, a, pool, rows: list, wall: float) -> None:
     "The rows as JSON and the table as markdown beside it (atomic writes)."
-    meta = dict(data=Path(a.data).name, classes=len(pool.class_names), shots=a.shots, seeds=sorted({r['seed'] for r in rows}), image_size=a.image_size,
+    meta = dict(data=Path(a.data).name, classes=len(pool.class_names), shots=ks(rows), seeds=sorted({r['seed'] for r in rows}), image_size=a.image_size,
                 teacher_size=a.teacher_size, wall_s=round(wall), threads=a.threads, defaults=DistillConfig().__dict__, reuse=a.reuse)
     atomic_write_text(out, json.dumps({'meta': meta, 'rows': rows}, indent=1))
-    atomic_write_text(out.with_suffix('.md'), table(rows, a.shots) + '\n')
+    atomic_write_text(out.with_suffix('.md'), table(rows, ks(rows)) + '\n')
+
+
+def ks(rows: list) -> list:
+    "Every k the rows hold, in order: the table shows what the file holds, not just this invocation's --shots."
+    return sorted({r['k'] for r in rows})
 
 
 if __name__ == '__main__':

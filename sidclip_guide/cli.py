@@ -345,7 +345,7 @@ def _distill_cmd(args: argparse.Namespace) -> int:
         student = make_student(split.class_names, cfg, teacher_dim=teacher.embed_dim, category=split.category, text_bundle=tbundle, config=scfg,
                                init_from=args.init_from, teacher=teacher)
         ds = build_distill_dataset(split, k, args.manifest, cfg.use_synthetic, cfg.transform(), cfg.synthetic_per_class, cfg.images, cfg.images_max,
-                                   teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed)
+                                   teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed, cfg.images_refit_teacher)
         test_ds = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
         res = train(student, teacher, ds, cfg, test_ds=test_ds, teacher_cache=None if args.no_teacher_cache else 'auto',
                     resume=_resume_or_restart(out, args.resume, args.restart), stop_after=args.stop_after)
@@ -358,6 +358,8 @@ def _distill_cmd(args: argparse.Namespace) -> int:
             r = ds.record
             print(f"distill: {len(ds)} training images ({r['shots']} shots, {r['synthetic']} synthetic, {r['transfer']} transfer), epoch {last.get('epoch')}, "
                   f"loss {last.get('loss', float('nan')):.4f}; student -> {out/'student.safetensors'}")
+            if rf := r.get('teacher_refit'):
+                print(f"         teacher head " + (f"refitted on the shots + {rf['photos']} transfer photos it labelled" if rf['refit'] else f"of the shots kept: {rf['reason']}"))
             if last.get('test_top1') is not None:
                 t = last.get('teacher_top1')
                 print(f"         test top-1 {100 * last['test_top1']:.1f} % student" + (f", {100 * t:.1f} % teacher ({100 * (last['test_top1'] - t):+.1f} points)" if t is not None else ''))
@@ -373,7 +375,7 @@ def pretrain_args(p: argparse.ArgumentParser):
     p.add_argument('--timm-name', default='efficientnet_b0', help='timm network of the student tower (default: efficientnet_b0, as SIDCLIP)')
     p.add_argument('--student-pretrained', default=None, help="the tower's starting weights: a local weights file (default: random init)")
     p.add_argument('--config', default=None, help='YAML file of DistillConfig settings, applied to DistillConfig.popp(epochs=1) (the flags override it)')
-    config_arguments(p, DistillConfig, skip={'out_dir', 'progress', 'loss', 'init', 'images', 'images_max', 'images_min_confidence', 'synthetic_filter'},
+    config_arguments(p, DistillConfig, skip={'out_dir', 'progress', 'loss', 'init', 'images', 'images_max', 'images_min_confidence', 'images_refit_teacher', 'synthetic_filter'},
                      given_only=True)   # --images is the folder itself here; the transfer-set settings are distill's
     run_folder_flags(p, 'folder of the pretrained student (student.safetensors, student.json, checkpoints/, metrics)',
                      'offline smoke mode: the tiny random CLIP teacher and a tiny timm tower, 32 px')

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, DataLoader, Sampler
 
 from .teacher import cache_key
 from .data import ImageListDataset
-from .transfer import IMAGE_SUFFIXES, FILTERS, list_images, transfer_items, filter_items
+from .transfer import IMAGE_SUFFIXES, FILTERS, list_images, transfer_items, filter_items, refit_teacher_head
 from .utils import (SidclipError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                                  append_jsonl, read_jsonl, stable_seed, seed_everything, get_device)
 
@@ -72,6 +72,7 @@ class DistillConfig:
     images: tuple[str, ...] = ()     # transfer folders of unlabelled photos (searched recursively), labelled by the teacher: KD term only
     images_max: int | None = None    # at most this many transfer photos in all, a seeded choice; None: every one
     images_min_confidence: float = 0.0  # keep a transfer photo only if the teacher's top probability is at least this; 0: all (Beyer et al.)
+    images_refit_teacher: bool = True   # refit the teacher's head on the shots + its class-balanced labels of the transfer photos, if they are from the shots' domain (`transfer.refit_teacher_head`)
     mixup: float = 0.0               # function matching (Beyer et al.): blend each batch with itself rolled by one, λ ~ Beta(p, p) (their p = 1); blends are KD-only; 0: off
     init: str = 'text'               # student head init: 'text' (SIDCLIP Initialize) or 'none' (standalone timm ablation)
     amp: str = 'no'                  # mixed precision: 'no', 'bf16' or 'fp16' (fp16 only on CUDA)
@@ -168,13 +169,15 @@ def build_distill_dataset(split,                   # a `FewShotSplit`
                           teacher: nn.Module | None = None, # the frozen teacher, for the filters
                           synthetic_filter: str = 'none', # a `transfer.FILTERS` rule for the synthetic images
                           min_confidence: float = 0.0, # the teacher-confidence floor for transfer photos
-                          seed: int = 0,           # seed of the transfer cap
+                          seed: int = 0,           # seed of the transfer cap and of the teacher's refit
+                          refit_teacher: bool = True, # refit the teacher's head (in place) on the shots + transfer photos (`transfer.refit_teacher_head`)
                          ) -> Dataset:
     "The distillation set: the k real shots ∪ their synthetic images ∪ transfer photos (label -1); its `record` says what went in."
     shots = [(Path(p), int(y)) for p, y in split.shots(k)]
     syn = synthetic_items(manifest, split.class_names) if use_synthetic and manifest is not None else []
     extra, rec = transfer_items(unlabelled, shots, split.test_items() + split.val_items(), unlabelled_max, seed) if unlabelled else ([], {})
     if (synthetic_filter != 'none' or min_confidence) and teacher is None: raise SidclipError("The teacher filters need the teacher: pass teacher=.")
+    refit = refit_teacher_head(teacher, shots, extra, seed) if refit_teacher and teacher is not None and extra else {}
     kept, per_class = filter_items(teacher, syn + extra, split.class_names, synthetic_filter, min_confidence) if teacher is not None else (syn + extra, {})
     syn_kept = _first_per_class([it for it in kept if it[1] >= 0], synthetic_per_class)
     items = shots + syn_kept + [it for it in kept if it[1] < 0]
@@ -182,7 +185,7 @@ def build_distill_dataset(split,                   # a `FewShotSplit`
     ds = ImageListDataset(items, transform)
     ds.record = dict(shots=len(shots), synthetic_pool=len(syn), synthetic=len(syn_kept), transfer_found=rec.get('found', 0),
                      transfer=len(items) - len(shots) - len(syn_kept), transfer_record=rec, synthetic_filter=synthetic_filter,
-                     min_confidence=min_confidence, kept_per_class=per_class)
+                     min_confidence=min_confidence, kept_per_class=per_class, teacher_refit=refit)
     return ds
 
 # %% ../nbs/10_distill.ipynb #528fa80a

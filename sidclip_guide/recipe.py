@@ -285,7 +285,8 @@ def distill_stage(run: Run) -> dict:
     manifest = run.shared('synth', MANIFEST) if run.uses_synthetic else None
     if run.cfg.data.k == 0 and manifest is None: raise SidclipError("data.k is 0 and there are no synthetic images: the student has nothing to learn from; keep the synth stage.")
     ds = build_distill_dataset(split, run.cfg.data.k, manifest, manifest is not None, cfg.transform(), cfg.synthetic_per_class,
-                               cfg.images, cfg.images_max, teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed)
+                               cfg.images, cfg.images_max, teacher, cfg.synthetic_filter, cfg.images_min_confidence, cfg.seed,
+                               cfg.images_refit_teacher)
     atomic_write_json(run.path('distill', 'distill_set.json'), ds.record)   # what went into the set: counts, kept fraction per class
     test = ImageListDataset(split.test_items(), eval_transform(cfg.image_size)) if split.test else None
     ck = run.path('distill', 'checkpoints')

@@ -12,10 +12,12 @@ import torch
 
 from .utils import SidclipError, stable_seed
 from .data import ImageListDataset, eval_transform
+from .evaluate import LinearProbe, extract_features, linear_probe
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'FILTERS', 'list_images', 'file_digest', 'check_no_leak', 'transfer_items', 'teacher_probs',
-           'filter_items']
+__all__ = ['IMAGE_SUFFIXES', 'FILTERS', 'REFIT_ROUNDS', 'list_images', 'file_digest', 'check_no_leak', 'transfer_items',
+           'teacher_probs', 'filter_items', 'balanced_pseudo_labels', 'in_domain', 'self_train_probe',
+           'refit_teacher_head']
 
 # %% ../nbs/10a_transfer.ipynb #9f0eaed0
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
@@ -93,7 +95,6 @@ def teacher_probs(teacher: torch.nn.Module,  # returns dict(logits, ...) on [0,1
                   device=None,               # where the teacher runs (default: where it is)
                  ) -> torch.Tensor:
     "(N, C) class probabilities of the teacher on the un-augmented images (its own input size)."
-    from sidclip_guide.evaluate import extract_features
     ds = ImageListDataset(list(items), eval_transform(getattr(teacher, 'image_size', 224)))
     return extract_features(teacher, ds, batch_size, device, normalize=False, progress=False, take=lambda o: o['logits'])[0].softmax(-1)
 
@@ -115,3 +116,68 @@ def filter_items(teacher: torch.nn.Module,  # the frozen teacher, its head on th
     cls = torch.where(y >= 0, y, p.argmax(-1))
     rec = {c: {'seen': int((cls == i).sum()), 'kept': int(((cls == i) & keep).sum())} for i, c in enumerate(class_names) if (cls == i).any()}
     return [it for it, k in zip(items, keep.tolist()) if k], rec
+
+# %% ../nbs/10a_transfer.ipynb #40cc257f
+def balanced_pseudo_labels(probs: torch.Tensor, # (N, C) class probabilities of N unlabelled images
+                           m: int,              # images each class takes
+                          ) -> torch.Tensor:
+    "(N,) labels, -1 for none: each class takes its `m` most probable images, an image at most one class (greedy, surest pair first)."
+    n, C = probs.shape
+    lab, cnt = torch.full((n,), -1, dtype=torch.long), [0] * C
+    for f in torch.argsort(probs.flatten(), descending=True).tolist():
+        i, c = divmod(f, C)
+        if lab[i] < 0 and cnt[c] < m: lab[i] = c; cnt[c] += 1
+    return lab
+
+# %% ../nbs/10a_transfer.ipynb #c6b4319a
+def in_domain(shot_x: torch.Tensor, # (S, D) L2-normalised features of the shots
+              shot_y: torch.Tensor, # (S,) their classes
+              x: torch.Tensor,      # (N, D) L2-normalised features of the transfer photos
+             ) -> float:
+    "The fraction of `x` whose nearest shot is as close (cosine) as the median shot's nearest shot of another class."
+    s = shot_x @ shot_x.T
+    s[shot_y[:, None] == shot_y[None, :]] = -2.0                 # only shots of other classes
+    return float(((x @ shot_x.T).max(1).values >= s.max(1).values.median()).float().mean())
+
+# %% ../nbs/10a_transfer.ipynb #b5e66425
+REFIT_ROUNDS = (0.25, 0.5, 1.0)   # each round's quota per class, a fraction of (transfer photos / classes): surest photos first
+
+def self_train_probe(shot_x: torch.Tensor,  # (S, D) features of the labelled shots
+                     shot_y: torch.Tensor,  # (S,) their classes
+                     x: torch.Tensor,       # (N, D) features of the unlabelled photos
+                     logits: torch.Tensor,  # (N, C) the current head's logits on `x` (the first round's labels)
+                     seed: int = 0,         # seed of the probe's solver and folds
+                     rounds: Sequence[float] = REFIT_ROUNDS, # quota per round (see above)
+                    ) -> LinearProbe:
+    "A linear probe refitted on the shots + class-balanced pseudo-labels of `x`, round after round, at the C the shots chose."
+    n_classes = logits.shape[1]
+    C = linear_probe(shot_x, shot_y, seed=seed, n_classes=n_classes).C
+    for r in rounds:
+        lab = balanced_pseudo_labels(torch.softmax(logits, -1), max(1, round(r * len(x) / n_classes))); ok = lab >= 0
+        probe = linear_probe(torch.cat([shot_x, x[ok]]), torch.cat([shot_y, lab[ok]]), Cs=(C,), seed=seed, n_classes=n_classes)
+        logits = probe.predict_logits(x)
+    return probe
+
+# %% ../nbs/10a_transfer.ipynb #e85ff4bb
+def refit_teacher_head(teacher: torch.nn.Module, # a `Teacher` (frozen encoder + linear head); its head is replaced in place
+                       shots: Sequence,          # (path, label) the labelled shots
+                       items: Sequence,          # (path, label) unlabelled transfer photos (labels are ignored)
+                       seed: int = 0,            # seed of the probe's solver
+                       rounds: Sequence[float] = REFIT_ROUNDS, # quota per round
+                       min_in_domain: float = 0.5, # refit only if at least this fraction of the photos is `in_domain`
+                       batch_size: int = 64, device=None, # for the teacher's forward passes
+                      ) -> dict:
+    "Refit the teacher's head on the shots + balanced pseudo-labels of `items` when they are from the shots' domain; a record of what it did."
+    items, shots = list(items), list(shots)
+    rec = dict(photos=len(items), refit=False)
+    if not items or len({int(y) for _, y in shots}) < 2: return rec | dict(reason='needs transfer photos and shots of two classes')
+    x, _ = extract_features(teacher, ImageListDataset(shots + items, eval_transform(teacher.image_size)), batch_size, device,
+                            progress=False, take=lambda o: o['embeds'])
+    sx, ux, sy = x[:len(shots)], x[len(shots):], torch.tensor([int(y) for _, y in shots])
+    rec['in_domain'] = round(in_domain(sx, sy, ux), 3)
+    if rec['in_domain'] < min_in_domain: return rec | dict(reason=f'fewer than {min_in_domain:.0%} of the photos lie near the shots: another domain')
+    before = teacher.logits_from_embeds(ux.to(teacher.head.weight.device)).cpu()
+    probe = self_train_probe(sx, sy, ux, before, seed, rounds)
+    teacher.set_head(probe.weight, probe.bias, logit_scale=1.0)
+    changed = float((probe.predict_logits(ux).argmax(-1) != before.argmax(-1)).float().mean())
+    return rec | dict(refit=True, C=probe.C, top1_changed=round(changed, 3))

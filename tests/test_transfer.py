@@ -1,5 +1,5 @@
 """Transfer photos through the CLI as real processes: a run with `--images` killed with SIGKILL resumes to the same
-student as an uninterrupted one; a folder holding a test photo is refused in one line; the run reports teacher and
+student as an uninterrupted one (the teacher's head refit on the photos included); a folder holding a test photo is refused in one line; the run reports teacher and
 student top-1 side by side and writes valid JSON."""
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
@@ -34,6 +34,7 @@ def test_transfer_run_resumes_after_kill9_and_reports_both_top1(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert '12 transfer' in ref.stdout and '% teacher' in ref.stdout, ref.stdout         # teacher and student side by side
     rec = _strict_json(tmp_path / 'ref' / 'distill_set.json'); assert rec['transfer'] == 12 and rec['shots'] == 12, rec
+    assert rec['teacher_refit']['photos'] == 12 and 'teacher head' in ref.stdout, (rec, ref.stdout)   # the refit (or why not) is told and kept
     _strict_json(tmp_path / 'ref' / 'config.json')                                          # no NaN (cv_score at small k)
     last = [json.loads(l) for l in (tmp_path / 'ref' / 'metrics.jsonl').read_text().splitlines()][-1]
     assert last['test_top1'] is not None and last['teacher_top1'] is not None, last
