@@ -13,11 +13,12 @@ import torch
 import torch.nn as nn
 
 from .utils import SidclipError, atomic_write_bytes, atomic_write_json, require
-from .serve import META_KEY, model_card, preprocess, read_image, list_images, OnnxClassifier, predict
+from .serve import META_KEY, model_card, preprocess, read_image, list_images, OnnxClassifier, TorchClassifier, predict
+from .student import load_student
 
 # %% auto #0
 __all__ = ['RUNNERS', 'EXPORTERS', 'INT8_FORMATS', 'LogitsModel', 'export_onnx', 'export_pt2', 'runner', 'parity',
-           'quantize_int8', 'ExportConfig', 'export_run', 'TorchClassifier']
+           'quantize_int8', 'ExportConfig', 'export_run']
 
 # %% ../nbs/13_deploy.ipynb #4410f8a4
 class LogitsModel(nn.Module):
@@ -167,7 +168,6 @@ def export_run(run_dir,                       # a `sidclip distill` run folder (
                log=lambda s: None,            # where progress lines go
               ) -> dict:
     "Export a run's student, check parity on real photos (and score int8 on the test photos); writes and returns `export.json`."
-    from sidclip_guide.distill import load_student
     from sidclip_guide.data import load_split
     run_dir = Path(run_dir); out = Path(out) if out else run_dir/'export'
     student = load_student(run_dir); S = student.image_size
@@ -207,20 +207,3 @@ def _int8_report(student, fp32_path, dst, split, real, cfg: ExportConfig, log) -
         rep.update(top1_agreement=float((f32(real).argmax(1) == i8(real).argmax(1)).mean()), note='no labelled test set: agreement on the parity images only')
         log(f"{q.name}: top-1 agreement with fp32 {100 * rep['top1_agreement']:.1f} % on {len(real)} images (no labelled test set)")
     return rep
-
-# %% ../nbs/13_deploy.ipynb #12f0f891
-class TorchClassifier:
-    "A `sidclip distill` run folder as a classifier with the `OnnxClassifier` interface (needs torch)."
-    def __init__(self, run_dir,                 # a run folder with student.safetensors + student.json
-                 threads: int | None = None,    # torch CPU threads (None: leave as is)
-                 device: str = 'cpu',           # where the student runs
-                ):
-        from sidclip_guide.distill import load_student
-        if threads: torch.set_num_threads(int(threads))
-        self.student, self.device = load_student(run_dir, device), torch.device(device)
-        self.class_names, self.image_size = list(self.student.class_names), self.student.image_size
-
-    @torch.no_grad()
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        "Logits (B, C) of a float32 batch (B, 3, S, S) in [0, 1]."
-        return self.student(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device))['logits'].float().cpu().numpy()

@@ -18,8 +18,8 @@ from .utils import SidclipError
 
 # %% auto #0
 __all__ = ['TINY_CLIP', 'TINY_CLIP_CFG', 'register_clip_config', 'ClipBundle', 'is_offline', 'hub_reachable', 'hub_offline',
-           'check_clip_name', 'load_clip', 'encode_texts', 'read_state_dict', 'load_weights_file', 'ImageEncoder',
-           'encode_images']
+           'check_clip_name', 'load_clip', 'encode_texts', 'read_state_dict', 'load_weights_file', 'load_state_strict',
+           'ImageEncoder', 'encode_images']
 
 # %% ../nbs/02_models.ipynb #4428cdc4
 _CONFIG_DIR = None
@@ -218,7 +218,6 @@ def load_weights_file(model: nn.Module,          # the freshly built module to l
                       what: str = '',            # what it is, for the message
                      ) -> nn.Module:
     "Load a weights file into `model` strictly: any missing, unexpected or mis-shaped tensor is an error, never a random network."
-    from sidclip_guide.student import load_state_strict
     sd, own = read_state_dict(path), model.state_dict()
     if not any(k.startswith(_HEAD_KEYS) for k in own):                    # features-only model: drop the file's classifier
         sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_KEYS)}
@@ -232,6 +231,25 @@ def load_weights_file(model: nn.Module,          # the freshly built module to l
     except SidclipError as e:
         if by_position: raise
         raise SidclipError(f"{e} If only the tensor names differ (same architecture), load by position: by_position=True.") from None
+
+# %% ../nbs/02_models.ipynb #1e994ce1
+def load_state_strict(model: nn.Module,                # the module to load into
+                      state: dict,                     # a state dict (e.g. from `safetensors.torch.load_file`)
+                      what: str = 'checkpoint',        # what it is, for the message (e.g. a file name)
+                     ) -> nn.Module:
+    "Load `state` into `model`, raising one `SidclipError` listing missing, unexpected and shape-mismatched keys."
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def _fmt(xs): return f"{len(xs)} ({', '.join(xs[:5])}{', ...' if len(xs) > 5 else ''})"
+        parts = [f"missing keys: {_fmt(missing)}" if missing else '', f"unexpected keys: {_fmt(unexpected)}" if unexpected else '',
+                 f"shape mismatches: {_fmt(shapes)}" if shapes else '']
+        raise SidclipError(f"{what} does not fit {type(model).__name__}: " + '; '.join(p for p in parts if p) +
+                           ". It was saved from another architecture or class list: build the model with the same config.")
+    model.load_state_dict(state)
+    return model
 
 # %% ../nbs/02_models.ipynb #76012be5
 class ImageEncoder(nn.Module):

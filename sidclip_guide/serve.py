@@ -14,7 +14,7 @@ from .utils import SidclipError, require
 
 # %% auto #0
 __all__ = ['META_KEY', 'IMAGE_EXTS', 'PREDICTION_FORMATS', 'model_card', 'preprocess', 'read_image', 'list_images',
-           'OnnxClassifier', 'top_k', 'predict', 'format_predictions', 'load_classifier']
+           'OnnxClassifier', 'top_k', 'predict', 'format_predictions', 'TorchClassifier', 'load_classifier']
 
 # %% ../nbs/12_serve.ipynb #acf918ae
 META_KEY = 'sidclip'   # the ONNX metadata entry that holds the model card (JSON)
@@ -96,7 +96,7 @@ def top_k(logits: np.ndarray,          # (B, C) logits
     return [[(class_names[j], float(p[i, j])) for j in row] for i, row in enumerate(idx)]
 
 # %% ../nbs/12_serve.ipynb #ae7069d0
-def predict(model,                 # anything with `logits(np.ndarray)`, `class_names`, `image_size` (`OnnxClassifier`, `deploy.TorchClassifier`)
+def predict(model,                 # anything with `logits(np.ndarray)`, `class_names`, `image_size` (`OnnxClassifier`, `TorchClassifier`)
             paths: Sequence,       # image files
             k: int = 5,            # classes per image
             batch_size: int = 32,  # images per forward pass
@@ -138,14 +138,31 @@ def format_predictions(rows: list[dict], # from `predict`
     if fmt not in PREDICTION_FORMATS: raise SidclipError(f"Unknown prediction format {fmt!r}: choose from {sorted(PREDICTION_FORMATS)}.")
     return PREDICTION_FORMATS[fmt](rows)
 
+# %% ../nbs/12_serve.ipynb #12f0f891
+class TorchClassifier:
+    "A `sidclip distill` run folder as a classifier with the `OnnxClassifier` interface (needs torch, imported only here)."
+    def __init__(self, run_dir,                 # a run folder with student.safetensors + student.json
+                 threads: int | None = None,    # torch CPU threads (None: leave as is)
+                 device: str = 'cpu',           # where the student runs
+                ):
+        import torch
+        from sidclip_guide.student import load_student
+        if threads: torch.set_num_threads(int(threads))
+        self.student, self.device = load_student(run_dir, device), torch.device(device)
+        self.class_names, self.image_size = list(self.student.class_names), self.student.image_size
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        "Logits (B, C) of a float32 batch (B, 3, S, S) in [0, 1]."
+        import torch
+        with torch.no_grad(): return self.student(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device))['logits'].float().cpu().numpy()
+
 # %% ../nbs/12_serve.ipynb #ebb64e9d
 def load_classifier(model,                      # a .onnx file, a folder holding one, or a `sidclip distill` run folder
                     threads: int | None = None, # CPU threads
                    ):
-    "`OnnxClassifier` for an ONNX file (torch-free); `deploy.TorchClassifier` for a run folder with a student (needs torch)."
+    "`OnnxClassifier` for an ONNX file (torch-free); `TorchClassifier` for a run folder with a student (needs torch)."
     p = Path(model)
     if p.is_dir() and (p/'student.json').is_file():
-        from sidclip_guide.deploy import TorchClassifier
         return TorchClassifier(p, threads)
     if p.is_dir():
         found = sorted(p.glob('*.onnx'))

