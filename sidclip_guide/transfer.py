@@ -164,7 +164,7 @@ def refit_teacher_head(teacher: torch.nn.Module, # a `Teacher` (frozen encoder +
                        items: Sequence,          # (path, label) unlabelled transfer photos (labels are ignored)
                        seed: int = 0,            # seed of the probe's solver
                        rounds: Sequence[float] = REFIT_ROUNDS, # quota per round
-                       min_in_domain: float = 0.5, # refit only if at least this fraction of the photos is `in_domain`
+                       min_in_domain: float = 0.7, # refit only if at least this fraction of the photos is `in_domain` (see the text)
                        batch_size: int = 64, device=None, # for the teacher's forward passes
                       ) -> dict:
     "Refit the teacher's head on the shots + balanced pseudo-labels of `items` when they are from the shots' domain; a record of what it did."
