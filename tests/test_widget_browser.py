@@ -4,15 +4,15 @@ Typing a weight into the first slider must renormalise the others (Σ = 1) and u
 
 Needs `chromium`, `chromium-driver` (apt) and `selenium` (the `dev` extra); skipped, with the reason, where they are absent
 (`.ci/run` installs them)."""
-import json, os, shutil, socket, subprocess, sys, time, uuid
+import json, os, socket, subprocess, sys, time, uuid
 from pathlib import Path
 
 import pytest
+from _chrome import chrome, needs_chrome
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM, DRIVER = shutil.which('chromium') or shutil.which('chromium-browser'), shutil.which('chromedriver')
 selenium = pytest.importorskip('selenium', reason='needs selenium (pip install -e ".[dev]")')
-pytestmark = [pytest.mark.skipif(not (CHROMIUM and DRIVER), reason='needs chromium and chromium-driver (apt-get install chromium chromium-driver)')]
+pytestmark = [needs_chrome]
 
 
 def _widget_notebook(path: Path, shots: list[Path]) -> None:
@@ -63,16 +63,7 @@ def lab(tmp_path):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--window-size=1400,1000',
-              f'--user-data-dir={tmp_path / "chrome"}'):
-        opts.add_argument(a)
-    d = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    try: yield d
-    finally: d.quit()
+    with chrome(tmp_path / 'chrome') as d: yield d
 
 
 def _texts(d, css: str) -> list[str]:
