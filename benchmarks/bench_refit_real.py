@@ -2,6 +2,7 @@
 
     python benchmarks/bench_refit_real.py                                   # CPU: ~25 min for the features (cached), then ~5 min
     python benchmarks/bench_refit_real.py --shots 1 --tasks cub1-20 cifar10  # a part
+    python benchmarks/bench_refit_real.py --tasks cub1-20 --shots 1 --curve 5 10 20 --out benchmarks/results/refit_curve_cub20.json   # Fig. 3
 
 A student distilled on the shots plus transfer photos copies its teacher; this measures the teacher itself, before any
 student trains: top-1 of the head fitted on the k shots (the teacher of every shots-only row), of the head that
@@ -57,8 +58,8 @@ def cub_info(first: int, n: int, part: str) -> DatasetInfo:
     return DatasetInfo([(p, y - first) for p, y in info.items if first <= y < first + n], info.class_names[first:first + n], 'bird', info.root)
 
 
-def task_sets(task: str, k: int, seed: int) -> tuple:
-    "(shots, test items, {set name: paths}) of one task, k and seed."
+def task_sets(task: str, k: int, seed: int, curve=()) -> tuple:
+    "(shots, test items, {set name: paths}) of one task, k and seed; `curve`: in@N sets, the first N in-domain photos of each class."
     if task == 'cifar10':
         split = make_fewshot_split(load_dataset('imagefolder', DATA/'cifar10-photos'), k=8, seed=seed)
         rest = split.test_items(); random.Random(stable_seed(seed, 'halves')).shuffle(rest)
@@ -68,6 +69,10 @@ def task_sets(task: str, k: int, seed: int) -> tuple:
     split = make_fewshot_split(pool, k=8, seed=seed, test_info=cub_info(first, n, 'test'))
     shots = split.shots(k); taken = {str(p) for p, _ in shots}
     sets = {'in': [p for p, _ in pool.items if str(p) not in taken]}
+    for N in curve:   # nested across N: a seeded order of each class's photos that are not among the 8 drawn shots
+        drawn = {str(p) for p, _ in split.shots(8)}
+        sets[f'in@{N}'] = [p for y in range(n) for p in sorted((q for q, c in pool.items if c == y and str(q) not in drawn),
+                                                               key=lambda q: stable_seed(seed, 'curve', q.name))[:N]]
     if 'near' in names: sets['near'] = [p for p, _ in cub_info(first + n if first == 0 else 0, n if first == 0 else 25, 'train').items][:len(sets['in'])]
     if 'out' in names:
         files = [p for p, _ in load_dataset('imagefolder', DATA/'cifar10-photos').items]
@@ -75,9 +80,9 @@ def task_sets(task: str, k: int, seed: int) -> tuple:
     return shots, split.test_items(), sets
 
 
-def cell(task: str, k: int, seed: int, cache: Path, size: int, min_in: float) -> list[dict]:
+def cell(task: str, k: int, seed: int, cache: Path, size: int, min_in: float, curve=()) -> list[dict]:
     "Rows for one task, k and seed: the shots' head, and per set the refit as the library runs it and forced."
-    shots, test, sets = task_sets(task, k, seed)
+    shots, test, sets = task_sets(task, k, seed, curve)
     sx, sy = features([p for p, _ in shots], cache, size), torch.tensor([y for _, y in shots])
     tx, ty = features([p for p, _ in test], cache, size), torch.tensor([y for _, y in test])
     p0 = linear_probe(sx, sy, seed=seed, n_classes=int(ty.max()) + 1)
@@ -115,6 +120,7 @@ def main(argv=None):
     p.add_argument('--shots', type=int, nargs='+', default=[1, 2, 4, 8])
     p.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3])
     p.add_argument('--size', type=int, default=192, help="the teacher's input size")
+    p.add_argument('--curve', type=int, nargs='*', default=[], help='in-domain photos per class for SIDCLIP Fig. 3 (cub tasks), e.g. 5 10 20')
     p.add_argument('--min-in-domain', type=float, default=None, help="refit_teacher_head's threshold (default: the library's)")
     p.add_argument('--cache', default=str(Path.home()/'.cache'/'sidclip-guide'/'lite2_192_features.pt'), help='feature cache (image path -> feature), outside the repo')
     p.add_argument('--out', default=str(REPO/'benchmarks'/'results'/'refit_real.json'))
@@ -128,7 +134,7 @@ def main(argv=None):
     for task in a.tasks:
         for k in a.shots:
             for seed in a.seeds:
-                rows += cell(task, k, seed, Path(a.cache), a.size, min_in)
+                rows += cell(task, k, seed, Path(a.cache), a.size, min_in, a.curve if task != 'cifar10' else ())
             print(f'{task} k={k}: ' + ', '.join(f"{r['method']} {100 * r['top1']:.1f}" for r in rows if r['task'] == task and r['k'] == k and r['seed'] == a.seeds[-1]), flush=True)
     md = table(rows)
     print(f"\nteacher top-1 % on each task's test photos, mean ± std over seeds (mean in_domain fraction, refits/seeds); "
