@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO/'benchmarks'))
 from sidclip_guide.utils import atomic_write_text, stable_seed
 from sidclip_guide.data import DatasetInfo, load_dataset, make_fewshot_split, ImageListDataset, eval_transform
 from sidclip_guide.evaluate import extract_features, linear_probe
 from sidclip_guide.student import lite_image_encoder
 from sidclip_guide.transfer import in_domain, self_train_probe
+from bench_transfer_real import out_photos, curve_photos
 
 DATA = REPO.parent/'shared'/'data'
 TASKS = {'cub1-20': (0, 20, ('in', 'near', 'out')), 'cub51-100': (50, 50, ('in', 'near')), 'cub1-100': (0, 100, ('in',)), 'cifar10': None}
@@ -69,14 +70,9 @@ def task_sets(task: str, k: int, seed: int, curve=()) -> tuple:
     split = make_fewshot_split(pool, k=8, seed=seed, test_info=cub_info(first, n, 'test'))
     shots = split.shots(k); taken = {str(p) for p, _ in shots}
     sets = {'in': [p for p, _ in pool.items if str(p) not in taken]}
-    for N in curve:   # nested across N: a seeded order of each class's photos that are not among the 8 drawn shots
-        drawn = {str(p) for p, _ in split.shots(8)}
-        sets[f'in@{N}'] = [p for y in range(n) for p in sorted((q for q, c in pool.items if c == y and str(q) not in drawn),
-                                                               key=lambda q: stable_seed(seed, 'curve', q.name))[:N]]
+    for N in curve: sets[f'in@{N}'] = curve_photos(pool, split, N)   # the student benchmark's Fig. 3 sets
     if 'near' in names: sets['near'] = [p for p, _ in cub_info(first + n if first == 0 else 0, n if first == 0 else 25, 'train').items][:len(sets['in'])]
-    if 'out' in names:
-        files = [p for p, _ in load_dataset('imagefolder', DATA/'cifar10-photos').items]
-        sets['out'] = sorted(random.Random(stable_seed(seed, 'out')).sample(files, len(sets['in'])))
+    if 'out' in names: sets['out'] = out_photos(DATA/'cifar10-photos', seed, len(sets['in']))
     return shots, split.test_items(), sets
 
 

@@ -45,22 +45,30 @@ def split_k(a) -> int:
     return max(8, *a.shots)
 
 
-def transfer_sets(a, pool, split, k: int) -> dict:
-    "Set name -> list of image paths (unlabelled): in, near and out (as many as `in` at this k), and the in@N caps of the curve."
-    shots = {str(p) for p, _ in split.shots(split_k(a))}   # the curve leaves out every shot of the largest k: its sets nest across k
+def out_photos(folder, seed: int, n: int) -> list:
+    "The out-of-domain set: n photos of `folder` (searched recursively), a seeded choice, sorted."
+    files = list_images(folder)
+    return sorted(random.Random(stable_seed(seed, 'out')).sample(files, min(n, len(files))))
+
+
+def curve_photos(pool, split, n: int) -> list:
+    "The first n photos of each class that are not among the split's drawn shots, in a seeded order: nested across n (and k)."
+    drawn = {str(p) for p, _ in split.shots(split.k)}
     by_class = {}
     for p, y in pool.items: by_class.setdefault(y, []).append(p)
+    return [p for y, ps in sorted(by_class.items())
+            for p in sorted([q for q in ps if str(q) not in drawn], key=lambda q: stable_seed(split.seed, 'curve', q.name))[:n]]
+
+
+def transfer_sets(a, pool, split, k: int) -> dict:
+    "Set name -> list of image paths (unlabelled): in, near and out (as many as `in` at this k), and the in@N caps of the curve."
     n_in = len(pool.items) - len(split.shots(k))
     sets = {'in': [p for p, _ in pool.items]}          # shots among them are dropped by the library (same bytes)
     if 'near' in a.sets:
         near, _ = load_data(Path(a.data), 2 * len(pool.class_names))
         sets['near'] = [p for p, y in near.items if y >= len(pool.class_names)][:n_in]
-    if 'out' in a.sets:
-        files = list_images(a.out_domain)
-        sets['out'] = sorted(random.Random(stable_seed(split.seed, 'out')).sample(files, min(n_in, len(files))))
-    for n in a.curve:   # the first n non-shot photos of each class, in a seeded order (nested: in@5 is inside in@10)
-        sets[f'in@{n}'] = [p for y, ps in sorted(by_class.items())
-                           for p in sorted([q for q in ps if str(q) not in shots], key=lambda q: stable_seed(split.seed, 'curve', q.name))[:n]]
+    if 'out' in a.sets: sets['out'] = out_photos(a.out_domain, split.seed, n_in)
+    for n in a.curve: sets[f'in@{n}'] = curve_photos(pool, split, n)   # the split is drawn at split_k: the curve's sets nest across k
     return sets
 
 
